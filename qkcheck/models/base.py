@@ -1,0 +1,44 @@
+"""What every target model exposes to qkcheck.
+
+A target model is a plain reimplementation of one of SPD's pretrain architectures. Its
+forward pass captures, per layer, the attention input (what ``q_proj``/``k_proj`` receive,
+after the block's pre-attention norm) and the pre-softmax attention logits computed inside
+its own attention module — the independent ground truth of DESIGN §5.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import Tensor
+
+from qkcheck.rotary import RotaryConfig
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """Static description of one attention layer, enough to decompose its logits."""
+
+    layer: int
+    q_path: str  # module path of the query projection, e.g. "h.0.attn.q_proj"
+    k_path: str
+    n_head: int
+    n_kv_heads: int
+    head_dim: int
+    scale: float  # logit = scale * <R_i q_i, R_j k_j>
+    rotary: RotaryConfig | None  # None: no rotary embedding (GPT-2 style)
+
+
+@dataclass
+class Capture:
+    """Everything one forward pass over a batch of token ids records.
+
+    ``attn_inputs[layer]``: ``(batch, pos, d_model)``;
+    ``logits[layer]``: ``(batch, head, query_pos, key_pos)`` pre-softmax scores, entries
+    above the diagonal unspecified (the causal mask is applied after capture);
+    ``module_inputs[path]``: ``(batch, pos, d_in)`` input of every Linear, by module path.
+    """
+
+    attn_inputs: dict[int, Tensor] = field(default_factory=dict)
+    logits: dict[int, Tensor] = field(default_factory=dict)
+    module_inputs: dict[str, Tensor] = field(default_factory=dict)
