@@ -1,0 +1,267 @@
+"""Decomposition of one attention layer's pre-softmax logits into SPD components.
+
+Notation (DESIGN §2): query head ``h`` uses key head ``g(h) = h // (n_head / n_kv_heads)``;
+``s`` is the logit scale; ``R_t`` the rotary map at position ``t``. With component
+projections ``q_c = x V_Q U_Q`` (per head), ``k_c`` likewise, biases ``b``, and the weight
+delta ``Δ = W − (V U)ᵀ``, the target logit splits exactly as::
+
+    ℓ[h,i,j] = S + bias_terms + delta_terms
+    S           = s <R_i q_c,i , R_j k_c,j>                       (component pairs)
+    bias_terms  = s (<R_i q_c, R_j b_K> + <R_i b_Q, R_j k̂_j>)      (pairs with a bias, no Δ)
+    delta_terms = s (<R_i q̂_i, R_j Δk_j> + <R_i Δq_i, R_j (k̂_j + Δk_j)>)
+
+where ``q̂ = q_c + b_Q`` and ``k̂ = k_c + b_K``. The residual against the target model's
+own logits is ``r = ℓ_target − (S + bias_terms)``; it equals ``delta_terms`` up to rounding
+(the closure identity the suite checks), and ``|r| ≤ B_data ≤ B_weight`` (see bounds.py).
+
+Every output is ``(batch, head, query_pos, key_pos)`` over the full square; entries with
+``key_pos > query_pos`` are computed but meaningless for a causal model (use
+:func:`causal_mask`). The (head, C_q, C_k, key) pair tensor is never built here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor
+
+from qkcheck.bounds import NormKind, data_bound, head_norms, weight_bound
+from qkcheck.rotary import RotaryConfig, rotate
+
+
+@dataclass(frozen=True)
+class HeadLayout:
+    """How an attention layer splits its projections into heads."""
+
+    n_head: int
+    n_kv_heads: int
+    head_dim: int
+    scale: float
+    rotary: RotaryConfig | None = None
+
+    def __post_init__(self) -> None:
+        if self.n_head % self.n_kv_heads:
+            raise ValueError(
+                f"n_kv_heads ({self.n_kv_heads}) must divide n_head ({self.n_head})"
+            )
+
+    @property
+    def group(self) -> int:
+        """Query heads per key head (1 without grouped-query attention)."""
+        return self.n_head // self.n_kv_heads
+
+    def key_head(self, h: int) -> int:
+        """``g(h)``: the key head query head ``h`` reads."""
+        return h // self.group
+
+
+@dataclass(frozen=True)
+class LayerWeights:
+    """SPD factors of one layer's q/k projections and their weight deltas.
+
+    ``V_Q`` (d_model × C_q), ``U_Q`` (C_q × n_head·d_head), ``V_K``/``U_K`` likewise with
+    n_kv_heads; ``delta_Q``/``delta_K`` are ``W − (V U)ᵀ`` in nn.Linear's (d_out × d_in)
+    orientation; biases are ``(d_out,)`` or None.
+    """
+
+    V_Q: Tensor
+    U_Q: Tensor
+    V_K: Tensor
+    U_K: Tensor
+    delta_Q: Tensor
+    delta_K: Tensor
+    b_Q: Tensor | None = None
+    b_K: Tensor | None = None
+
+    @classmethod
+    def from_target(
+        cls,
+        V_Q: Tensor,
+        U_Q: Tensor,
+        V_K: Tensor,
+        U_K: Tensor,
+        W_Q: Tensor,
+        W_K: Tensor,
+        b_Q: Tensor | None = None,
+        b_K: Tensor | None = None,
+    ) -> LayerWeights:
+        """Derive the deltas from the target weights (computed in float64, then cast)."""
+
+        def delta(W: Tensor, V: Tensor, U: Tensor) -> Tensor:
+            return (W.double() - (V.double() @ U.double()).T).to(W.dtype)
+
+        return cls(V_Q, U_Q, V_K, U_K, delta(W_Q, V_Q, U_Q), delta(W_K, V_K, U_K), b_Q, b_K)
+
+    def to(self, dtype: torch.dtype, device: torch.device | str | None = None) -> LayerWeights:
+        def cast(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.to(dtype=dtype, device=device)
+
+        return replace(self, **{f: cast(getattr(self, f)) for f in _TENSOR_FIELDS})
+
+    @property
+    def W_hat_Q(self) -> Tensor:
+        """Summed component weight ``(V_Q U_Q)ᵀ`` (d_out × d_in)."""
+        return (self.V_Q @ self.U_Q).T
+
+    @property
+    def W_hat_K(self) -> Tensor:
+        return (self.V_K @ self.U_K).T
+
+
+_TENSOR_FIELDS = ("V_Q", "U_Q", "V_K", "U_K", "delta_Q", "delta_K", "b_Q", "b_K")
+
+
+@dataclass
+class LayerDecomposition:
+    """Per ``(batch, head, query_pos, key_pos)`` terms of one layer (see module docstring)."""
+
+    component_sum: Tensor
+    bias_terms: Tensor
+    delta_terms: Tensor
+    residual: Tensor  # target − (component_sum + bias_terms)
+    data_bound: Tensor
+    weight_bound: Tensor
+    #: |s|·|q̂+Δq|_i·|k̂+Δk|_j: the size every term is measured against (rounding scale)
+    magnitude: Tensor
+    target: Tensor | None = None
+
+    @property
+    def closure(self) -> Tensor:
+        """Sum over all pairs of components ∪ {Δ, bias}: the decomposition's own logit."""
+        return self.component_sum + self.bias_terms + self.delta_terms
+
+    @property
+    def closure_error(self) -> Tensor:
+        """``|closure − target| / magnitude`` (needs the target)."""
+        if self.target is None:
+            raise ValueError("closure_error needs the target logits")
+        return (self.closure - self.target).abs() / self.magnitude.clamp_min(_TINY)
+
+
+_TINY = 1e-30
+
+
+def closure_tolerance(dtype: torch.dtype, d_model: int, c_max: int, head_dim: int) -> float:
+    """Tolerance on :attr:`LayerDecomposition.closure_error` for this precision.
+
+    Both the target and the decomposition are sums of dot products whose longest
+    accumulation chain is ``d_model + C + d_head`` terms; the classical worst-case bound
+    on such a sum's rounding error, relative to the sum of |terms| (which ``magnitude``
+    bounds from above), is ``n · eps``. Twice that covers both sides.
+    """
+    eps = torch.finfo(dtype).eps
+    return 2.0 * (d_model + c_max + head_dim) * eps
+
+
+def decompose_layer(
+    x: Tensor,
+    weights: LayerWeights,
+    layout: HeadLayout,
+    target: Tensor | None = None,
+    positions: Tensor | None = None,
+    norm: NormKind = "spectral",
+) -> LayerDecomposition:
+    """Decompose the logits of one layer for every sample and every query/key position.
+
+    ``x``: attention input ``(batch, pos, d_model)`` (after the pre-attention norm);
+    ``target``: the model's own logits ``(batch, head, query_pos, key_pos)``; without it
+    the residual is taken against the closure (i.e. it equals ``delta_terms``);
+    ``positions``: rotary position ids ``(pos,)``, default ``0..pos-1``.
+    """
+    w = weights.to(x.dtype, x.device)
+    T = x.shape[1]
+    if positions is None:
+        positions = torch.arange(T, device=x.device)
+
+    def heads(t: Tensor, n: int) -> Tensor:  # (batch, pos, n·d) -> (batch, n, pos, d)
+        return t.unflatten(-1, (n, layout.head_dim)).transpose(1, 2)
+
+    def rot(t: Tensor) -> Tensor:
+        return rotate(t, positions, layout.rotary)
+
+    H, KV = layout.n_head, layout.n_kv_heads
+    q_comp = heads((x @ w.V_Q) @ w.U_Q, H)
+    k_comp = heads((x @ w.V_K) @ w.U_K, KV)
+    dq = rot(heads(x @ w.delta_Q.T, H))
+    dk = rot(heads(x @ w.delta_K.T, KV))
+    bq = _bias_heads(w.b_Q, H, layout.head_dim, x)
+    bk = _bias_heads(w.b_K, KV, layout.head_dim, x)
+
+    q_hat_r = rot(q_comp + bq) if bq is not None else rot(q_comp)
+    k_hat_r = rot(k_comp + bk) if bk is not None else rot(k_comp)
+    s = layout.scale
+    scores = _grouped_scores
+
+    if bq is None and bk is None:
+        component_sum = s * scores(q_hat_r, k_hat_r)
+        bias_terms = torch.zeros_like(component_sum)
+    else:
+        q_comp_r, k_comp_r = rot(q_comp), rot(k_comp)
+        component_sum = s * scores(q_comp_r, k_comp_r)
+        bias_terms = torch.zeros_like(component_sum)
+        if bk is not None:
+            bias_terms += s * scores(q_comp_r, rot(bk.expand_as(k_comp)))
+        if bq is not None:
+            bias_terms += s * scores(rot(bq.expand_as(q_comp)), k_hat_r)
+
+    delta_terms = s * (scores(q_hat_r, dk) + scores(dq, k_hat_r + dk))
+    resid = (target if target is not None else component_sum + bias_terms + delta_terms) - (
+        component_sum + bias_terms
+    )
+
+    group = layout.group
+    k_hat_h = k_hat_r.repeat_interleave(group, dim=1)
+    dk_h = dk.repeat_interleave(group, dim=1)
+    b_data = data_bound(q_hat_r, k_hat_h, dq, dk_h, s)
+    magnitude = abs(s) * ((q_hat_r + dq).norm(dim=-1)[..., :, None]) * (
+        (k_hat_h + dk_h).norm(dim=-1)[..., None, :]
+    )
+
+    key_of = torch.arange(H, device=x.device) // group
+    zeros = torch.zeros(H, dtype=x.dtype, device=x.device)
+
+    def bias_norm(b: Tensor | None, n: int) -> Tensor:
+        return zeros[:n] if b is None else b.reshape(n, -1).norm(dim=-1)
+
+    b_weight = weight_bound(
+        x.norm(dim=-1),
+        head_norms(w.W_hat_Q, H, norm),
+        head_norms(w.W_hat_K, KV, norm)[key_of],
+        head_norms(w.delta_Q, H, norm),
+        head_norms(w.delta_K, KV, norm)[key_of],
+        bias_norm(w.b_Q, H),
+        bias_norm(w.b_K, KV)[key_of],
+        s,
+    )
+    return LayerDecomposition(
+        component_sum=component_sum,
+        bias_terms=bias_terms,
+        delta_terms=delta_terms,
+        residual=resid,
+        data_bound=b_data,
+        weight_bound=b_weight,
+        magnitude=magnitude,
+        target=target,
+    )
+
+
+def causal_mask(n_pos: int, device: torch.device | str | None = None) -> Tensor:
+    """Boolean ``(query_pos, key_pos)`` mask, True where ``key_pos ≤ query_pos``."""
+    return torch.ones(n_pos, n_pos, dtype=torch.bool, device=device).tril()
+
+
+def _bias_heads(b: Tensor | None, n: int, d: int, like: Tensor) -> Tensor | None:
+    """Bias as a ``(1, n, 1, d)`` head vector, or None."""
+    if b is None:
+        return None
+    return b.to(like.dtype).reshape(1, n, 1, d)
+
+
+def _grouped_scores(q: Tensor, k: Tensor) -> Tensor:
+    """``<q_i, k_j>`` per query head with GQA: q ``(b, H, i, d)``, k ``(b, KV, j, d)`` →
+    ``(b, H, i, j)``, query head h reading key head ``h // (H / KV)``, without copying k."""
+    b, H, T, d = q.shape
+    KV = k.shape[1]
+    qg = q.reshape(b, KV, H // KV, T, d)
+    return (qg @ k.unsqueeze(2).transpose(-1, -2)).reshape(b, H, T, k.shape[2])
