@@ -33,9 +33,7 @@ def head_norms(weight: Tensor, n_heads: int, kind: NormKind = "spectral") -> Ten
     return torch.linalg.matrix_norm(blocks, ord=ord_)
 
 
-def data_bound(
-    q_hat: Tensor, k_hat: Tensor, dq: Tensor, dk: Tensor, scale: float
-) -> Tensor:
+def data_bound(q_hat: Tensor, k_hat: Tensor, dq: Tensor, dk: Tensor, scale: float) -> Tensor:
     """``B_data`` from head vectors: q-side ``(batch, head, pos, d_head)``, k-side already
     expanded to query heads ``(batch, head, pos, d_head)``. Returns ``(batch, head, i, j)``."""
     nq, nk = q_hat.norm(dim=-1), k_hat.norm(dim=-1)

@@ -56,9 +56,7 @@ class ItemFactors:
         return (self.q.shape[0], self.q.shape[1], self.k.shape[1], self.k.shape[2])
 
 
-def _rotated_writes(
-    U: Tensor, n: int, layout: HeadLayout, positions: Tensor
-) -> Tensor:
+def _rotated_writes(U: Tensor, n: int, layout: HeadLayout, positions: Tensor) -> Tensor:
     """``R_t u_{c,h}`` for every head, component and position: ``(n, C, pos, d_head)``."""
     u = U.reshape(U.shape[0], n, layout.head_dim).transpose(0, 1)  # (n, C, d)
     u = u[:, :, None, :].expand(-1, -1, positions.shape[0], -1)
@@ -115,7 +113,9 @@ def binary_factors(
 
 
 def _contract(f: ItemFactors, q: Tensor) -> Tensor:
-    """``scale · <q[h,c], k[g(h),d,j]>`` for a slice ``q`` ``(head, c, d)`` → ``(head, c, C_k, J)``."""
+    """``scale · <q[h,c], k[g(h),d,j]>`` for a slice ``q`` ``(head, c, d)``.
+
+    Returns ``(head, c, C_k, key_pos)``."""
     H, cc, dh = q.shape
     KV, Ck, J, _ = f.k.shape
     qg = q.reshape(KV, f.group * cc, dh)
@@ -178,7 +178,7 @@ def top_pairs(f: ItemFactors, n: int, budget_bytes: int = DEFAULT_BUDGET) -> Top
     Equals ranking the dense tensor (:func:`dense_contributions`) by
     ``amax(|P|, key_pos)`` — only per-pair peaks ``(head, C_q, C_k)`` are kept.
     """
-    H, Cq, Ck, J = f.shape
+    H, Cq, Ck, _ = f.shape
     step = chunk_size(f, budget_bytes)
     head_peak = torch.empty(H, Cq, Ck, dtype=f.q.dtype, device=f.q.device)
     mean_peak = torch.empty(Cq, Ck, dtype=f.q.dtype, device=f.q.device)

@@ -78,7 +78,7 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, config: RotaryConfig) -> T
 
 
 def rotate(x: Tensor, positions: Tensor, config: RotaryConfig | None) -> Tensor:
-    """Rotate ``x`` (``... pos d_head``) at ``positions`` (``pos``); identity when config is None."""
+    """Rotate ``x`` (``... pos d_head``) at ``positions`` (``pos``); identity without config."""
     if config is None:
         return x
     cos, sin = rotary_tables(config, positions, dtype=x.dtype)

@@ -1,0 +1,529 @@
+"""Properties of the layer decomposition against a plain dense reference (tests/reference.py).
+
+Each property draws random shapes and random low-rank SPD factors with a weight delta;
+tolerances are :func:`qkcheck.decompose.closure_tolerance`, measured relative to the
+magnitude ``|s|·|q_i|·|k_j|`` of the logit's own terms.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from qkcheck.decompose import (
+    HeadLayout,
+    LayerWeights,
+    causal_mask,
+    closure_tolerance,
+    decompose_layer,
+)
+from qkcheck.pairs import (
+    ItemFactors,
+    binary_factors,
+    chunk_size,
+    dense_contributions,
+    top_pairs,
+    weighted_factors,
+)
+from qkcheck.rotary import RotaryConfig
+from tests.reference import dense_logits, rotation_matrices
+
+
+@dataclass(frozen=True)
+class Case:
+    """One random layer: shapes, weights, input, and the reference logits."""
+
+    x: torch.Tensor
+    V_Q: torch.Tensor
+    U_Q: torch.Tensor
+    V_K: torch.Tensor
+    U_K: torch.Tensor
+    W_Q: torch.Tensor
+    W_K: torch.Tensor
+    b_Q: torch.Tensor | None
+    b_K: torch.Tensor | None
+    n_head: int
+    n_kv: int
+    head_dim: int
+    rotary_dim: int
+    adjacent: bool
+    dtype: torch.dtype
+    base: float = 10000.0
+
+    @property
+    def scale(self) -> float:
+        return 1.0 / math.sqrt(self.head_dim)
+
+    @property
+    def layout(self) -> HeadLayout:
+        rot = RotaryConfig(self.rotary_dim, self.base, self.adjacent) if self.rotary_dim else None
+        return HeadLayout(self.n_head, self.n_kv, self.head_dim, self.scale, rot)
+
+    @property
+    def weights(self) -> LayerWeights:
+        return LayerWeights.from_target(
+            self.V_Q, self.U_Q, self.V_K, self.U_K, self.W_Q, self.W_K, self.b_Q, self.b_K
+        )
+
+    def reference(self, positions=None, **overrides) -> torch.Tensor:
+        kw = dict(
+            n_head=self.n_head,
+            n_kv=self.n_kv,
+            head_dim=self.head_dim,
+            rotary_dim=self.rotary_dim,
+            base=self.base,
+            adjacent=self.adjacent,
+            scale=self.scale,
+            positions=positions,
+        )
+        kw.update(overrides)
+        return dense_logits(self.x, self.W_Q, self.W_K, self.b_Q, self.b_K, **kw)
+
+    def tolerance(self, n_pos_extra: int = 0) -> float:
+        T = self.x.shape[1]
+        c_max = max(self.V_Q.shape[1], self.V_K.shape[1])
+        return closure_tolerance(
+            self.dtype, self.x.shape[-1], c_max, self.head_dim, T + n_pos_extra
+        )
+
+
+@st.composite
+def cases(draw, exact: bool = False, dtype=None, bias=None, rotary=None) -> Case:
+    n_kv = draw(st.integers(1, 3))
+    group = draw(st.integers(1, 3))
+    head_dim = 2 * draw(st.integers(1, 4))
+    rotary_dim = 2 * draw(st.integers(0 if rotary is None else 1, head_dim // 2))
+    if rotary is False:
+        rotary_dim = 0
+    d_model = draw(st.integers(2, 24))
+    C_q, C_k = draw(st.integers(1, 12)), draw(st.integers(1, 12))
+    T = draw(st.integers(1, 9))
+    batch = draw(st.integers(1, 2))
+    dtype = dtype or draw(st.sampled_from([torch.float32, torch.float64]))
+    has_bias = draw(st.booleans()) if bias is None else bias
+    seed = draw(st.integers(0, 2**31 - 1))
+    gen = torch.Generator().manual_seed(seed)
+    n_head = n_kv * group
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    V_Q, U_Q = randn(d_model, C_q), randn(C_q, n_head * head_dim) / math.sqrt(C_q)
+    V_K, U_K = randn(d_model, C_k), randn(C_k, n_kv * head_dim) / math.sqrt(C_k)
+    delta_scale = 0.0 if exact else draw(st.sampled_from([0.01, 0.1, 1.0]))
+    W_Q = (V_Q @ U_Q).T + delta_scale * randn(n_head * head_dim, d_model)
+    W_K = (V_K @ U_K).T + delta_scale * randn(n_kv * head_dim, d_model)
+    b_Q = randn(n_head * head_dim) if has_bias else None
+    b_K = randn(n_kv * head_dim) if has_bias else None
+
+    def cast(t):
+        return None if t is None else t.to(dtype)
+
+    return Case(
+        x=cast(randn(batch, T, d_model)),
+        V_Q=cast(V_Q),
+        U_Q=cast(U_Q),
+        V_K=cast(V_K),
+        U_K=cast(U_K),
+        W_Q=cast(W_Q),
+        W_K=cast(W_K),
+        b_Q=cast(b_Q),
+        b_K=cast(b_K),
+        n_head=n_head,
+        n_kv=n_kv,
+        head_dim=head_dim,
+        rotary_dim=rotary_dim,
+        adjacent=draw(st.booleans()),
+        dtype=dtype,
+    )
+
+
+TERMS = ("component_sum", "bias_terms", "delta_terms", "residual")
+BOUNDS = ("data_bound", "weight_bound")
+
+
+def assert_same_decomposition(a, b, tol: float, names=TERMS + BOUNDS) -> None:
+    """Terms agree relative to the logit's magnitude; bounds relative to themselves."""
+    __tracebackhide__ = True
+    for name in names:
+        x, y = getattr(a, name), getattr(b, name)
+        size = a.magnitude if name in TERMS else x.abs() + a.magnitude
+        diff = lower((x - y).abs() - tol * size)
+        worst = diff.max().item()
+        assert worst <= 1e-300, f"{name} differs by {worst:.3g} beyond tolerance {tol:.3g}"
+
+
+def lower(t: torch.Tensor) -> torch.Tensor:
+    """The causal entries (key ≤ query) of a (..., i, j) tensor, flattened."""
+    return t[..., causal_mask(t.shape[-1])]
+
+
+def closure_violations(case: Case, reference: torch.Tensor) -> tuple[float, float]:
+    """(worst relative closure error, tolerance) of the decomposition against ``reference``."""
+    dec = decompose_layer(case.x, case.weights, case.layout, target=reference.to(case.dtype))
+    err = lower(dec.closure_error).max().item()
+    return err, case.tolerance()
+
+
+# --- (a) closure -----------------------------------------------------------------------
+
+
+@given(cases())
+def test_the_sum_over_all_pairs_with_delta_and_bias_equals_the_reference_logit(case):
+    err, tol = closure_violations(case, case.reference())
+    assert err <= tol, f"closure error {err:.3g} > tolerance {tol:.3g}"
+    if case.dtype == torch.float64:
+        assert err <= 1e-10
+
+
+# --- (b) bounds ------------------------------------------------------------------------
+
+
+@given(cases())
+def test_the_residual_is_within_the_data_bound_and_that_within_the_weight_bound(case):
+    dec = decompose_layer(case.x, case.weights, case.layout, target=case.reference().to(case.dtype))
+    slack = case.tolerance() * dec.magnitude
+    r, bd, bw = dec.residual.abs(), dec.data_bound, dec.weight_bound
+    over_data = lower(r - bd - slack).max().item()
+    over_weight = lower(bd - bw - slack).max().item()
+    assert over_data <= 0, f"|r| exceeds B_data by {over_data:.3g}"
+    assert over_weight <= 0, f"B_data exceeds B_weight by {over_weight:.3g}"
+
+
+@given(cases())
+def test_the_frobenius_weight_bound_is_no_tighter_than_the_spectral_one(case):
+    spectral = decompose_layer(case.x, case.weights, case.layout).weight_bound
+    frob = decompose_layer(case.x, case.weights, case.layout, norm="frobenius").weight_bound
+    assert (frob >= spectral * (1 - case.tolerance())).all()
+
+
+# --- (c) exact decomposition -----------------------------------------------------------
+
+
+@given(cases(exact=True))
+def test_an_exact_decomposition_has_zero_residual_and_zero_bounds(case):
+    dec = decompose_layer(case.x, case.weights, case.layout, target=case.reference().to(case.dtype))
+    scale = case.tolerance() * dec.magnitude.max().item() + 1e-300
+    for name in ("residual", "data_bound", "weight_bound"):
+        worst = lower(getattr(dec, name).abs()).max().item()
+        assert worst <= scale, f"{name} is {worst:.3g}, expected 0 (tolerance {scale:.3g})"
+
+
+# --- (d) relative position -------------------------------------------------------------
+
+
+@given(cases(rotary=True), st.integers(1, 300))
+def test_shifting_every_position_changes_no_logit_and_no_contribution(case, shift):
+    T = case.x.shape[1]
+    base = decompose_layer(case.x, case.weights, case.layout)
+    moved = decompose_layer(case.x, case.weights, case.layout, positions=torch.arange(T) + shift)
+    tol = case.tolerance(n_pos_extra=shift)
+    assert_same_decomposition(base, moved, tol)
+    i = T - 1
+    args = (case.x[0, i], case.x[0, : i + 1], case.V_Q, case.U_Q, case.V_K, case.U_K, case.layout)
+    p0 = dense_contributions(weighted_factors(*args, query_pos=i))
+    p1 = dense_contributions(
+        weighted_factors(*args, query_pos=i + shift, key_positions=torch.arange(i + 1) + shift)
+    )
+    size = p0.abs().max().item() + 1e-30
+    assert (p0 - p1).abs().max().item() <= tol * size * case.V_Q.shape[0]
+
+
+# --- (e) rotary layouts ----------------------------------------------------------------
+
+
+def halves_to_adjacent(head_dim: int, rotary_dim: int) -> torch.Tensor:
+    """Index map: adjacent-layout coordinate ``a`` holds halves-layout coordinate ``perm[a]``."""
+    half = rotary_dim // 2
+    rot = [c for i in range(half) for c in (i, i + half)]
+    return torch.tensor(rot + list(range(rotary_dim, head_dim)))
+
+
+def permute_heads(
+    t: torch.Tensor | None, n: int, perm: torch.Tensor, dim: int
+) -> torch.Tensor | None:
+    if t is None:
+        return None
+    shape = t.shape
+    d = shape[dim] // n
+    split = t.unflatten(dim, (n, d))
+    return split.index_select(dim + 1 if dim >= 0 else dim, perm).reshape(shape)
+
+
+@given(cases(rotary=True))
+def test_the_two_rotary_layouts_agree_after_permuting_head_coordinates(case):
+    halves = replace(case, adjacent=False)
+    perm = halves_to_adjacent(case.head_dim, case.rotary_dim)
+    H, KV = case.n_head, case.n_kv
+    adjacent = replace(
+        case,
+        adjacent=True,
+        U_Q=permute_heads(case.U_Q, H, perm, -1),
+        U_K=permute_heads(case.U_K, KV, perm, -1),
+        W_Q=permute_heads(case.W_Q, H, perm, 0),
+        W_K=permute_heads(case.W_K, KV, perm, 0),
+        b_Q=permute_heads(case.b_Q, H, perm, 0),
+        b_K=permute_heads(case.b_K, KV, perm, 0),
+    )
+    a = decompose_layer(halves.x, halves.weights, halves.layout)
+    b = decompose_layer(adjacent.x, adjacent.weights, adjacent.layout)
+    tol = case.tolerance()
+    assert_same_decomposition(
+        a, b, tol, ("component_sum", "bias_terms", "delta_terms", "data_bound", "weight_bound")
+    )
+
+
+# --- (f) component symmetries ----------------------------------------------------------
+
+
+@given(cases(), st.randoms(use_true_random=False), st.floats(0.1, 10.0))
+def test_permuting_or_rescaling_components_changes_nothing(case, rnd, lam):
+    pq = torch.tensor(rnd.sample(range(case.V_Q.shape[1]), case.V_Q.shape[1]))
+    pk = torch.tensor(rnd.sample(range(case.V_K.shape[1]), case.V_K.shape[1]))
+    moved = replace(
+        case, V_Q=case.V_Q[:, pq], U_Q=case.U_Q[pq], V_K=case.V_K[:, pk], U_K=case.U_K[pk]
+    )
+    V_K = moved.V_K.clone()
+    U_K = moved.U_K.clone()
+    V_K[:, 0] *= lam
+    U_K[0] /= lam
+    moved = replace(moved, V_K=V_K, U_K=U_K)
+    a = decompose_layer(case.x, case.weights, case.layout)
+    b = decompose_layer(moved.x, moved.weights, moved.layout)
+    tol = case.tolerance() * 4 * max(lam, 1 / lam)
+    assert_same_decomposition(
+        a, b, tol, ("component_sum", "residual", "data_bound", "weight_bound")
+    )
+    i = case.x.shape[1] - 1
+    pa = dense_contributions(
+        weighted_factors(
+            case.x[0, i],
+            case.x[0],
+            case.V_Q,
+            case.U_Q,
+            case.V_K,
+            case.U_K,
+            case.layout,
+            query_pos=i,
+        )
+    )
+    pb = dense_contributions(
+        weighted_factors(
+            moved.x[0, i],
+            moved.x[0],
+            moved.V_Q,
+            moved.U_Q,
+            moved.V_K,
+            moved.U_K,
+            moved.layout,
+            query_pos=i,
+        )
+    )
+    size = pa.abs().max().item() + 1e-30
+    assert (pa[:, pq][:, :, pk] - pb).abs().max().item() <= tol * size * case.x.shape[-1]
+
+
+# --- (g) grouped-query attention -------------------------------------------------------
+
+
+@given(cases())
+def test_grouped_query_attention_equals_multi_head_with_key_heads_repeated(case):
+    group = case.n_head // case.n_kv
+
+    def repeat_heads(t, n, dim):
+        if t is None:
+            return None
+        return (
+            t.unflatten(dim, (n, -1))
+            .repeat_interleave(group, dim=dim if dim >= 0 else dim - 1)
+            .flatten(dim if dim >= 0 else dim - 1, dim + 1 if dim >= 0 else dim)
+        )
+
+    mha = replace(
+        case,
+        n_kv=case.n_head,
+        U_K=repeat_heads(case.U_K, case.n_kv, -1),
+        W_K=repeat_heads(case.W_K, case.n_kv, 0),
+        b_K=repeat_heads(case.b_K, case.n_kv, 0),
+    )
+    a = decompose_layer(case.x, case.weights, case.layout)
+    b = decompose_layer(mha.x, mha.weights, mha.layout)
+    tol = case.tolerance()
+    assert_same_decomposition(
+        a, b, tol, ("component_sum", "bias_terms", "delta_terms", "data_bound", "weight_bound")
+    )
+
+
+# --- pair contributions: sums and binary mode ------------------------------------------
+
+
+@given(cases(bias=False))
+def test_pair_contributions_sum_to_the_component_sum_at_their_query_row(case):
+    dec = decompose_layer(case.x, case.weights, case.layout)
+    for i in range(case.x.shape[1]):
+        f = weighted_factors(
+            case.x[0, i],
+            case.x[0, : i + 1],
+            case.V_Q,
+            case.U_Q,
+            case.V_K,
+            case.U_K,
+            case.layout,
+            query_pos=i,
+        )
+        total = dense_contributions(f).sum(dim=(1, 2))  # (head, key)
+        diff = (total - dec.component_sum[0, :, i, : i + 1]).abs()
+        size = dec.magnitude[0, :, i, : i + 1] + dense_contributions(f).abs().sum(dim=(1, 2))
+        assert (diff <= case.tolerance() * size + 1e-300).all()
+
+
+@given(cases(), st.floats(0.0, 1.0))
+def test_binary_mode_is_the_weight_only_term_gated_by_both_cis(case, tau):
+    gen = torch.Generator().manual_seed(0)
+    T, Cq, Ck = case.x.shape[1], case.V_Q.shape[1], case.V_K.shape[1]
+    ci_q = torch.rand(T, Cq, generator=gen, dtype=torch.float64).to(case.dtype)
+    ci_k = torch.rand(T, Ck, generator=gen, dtype=torch.float64).to(case.dtype)
+    i = T - 1
+    got = dense_contributions(
+        binary_factors(ci_q[i], ci_k, case.U_Q, case.U_K, case.layout, query_pos=i, threshold=tau)
+    )
+    # plain reference: explicit rotation matrices, explicit loops over heads
+    d = case.head_dim
+    R = rotation_matrices(torch.arange(T), d, case.rotary_dim, case.base, case.adjacent)
+    uq = case.U_Q.double().reshape(Cq, case.n_head, d)
+    uk = case.U_K.double().reshape(Ck, case.n_kv, d)
+    want = torch.zeros(case.n_head, Cq, Ck, T, dtype=torch.float64)
+    for h in range(case.n_head):
+        g = h // (case.n_head // case.n_kv)
+        rq = uq[:, h] @ R[i].T  # (Cq, d)
+        for j in range(T):
+            rk = uk[:, g] @ R[j].T
+            gate = (ci_q[i] > tau).double()[:, None] * (ci_k[j] > tau).double()[None, :]
+            want[h, :, :, j] = case.scale * (rq @ rk.T) * gate
+    size = want.abs().max().item() + 1e-30
+    assert (got.double() - want).abs().max().item() <= case.tolerance() * size * 4
+
+
+@given(cases())
+def test_binary_mode_with_a_threshold_above_every_ci_gives_all_zeros(case):
+    T, Cq, Ck = case.x.shape[1], case.V_Q.shape[1], case.V_K.shape[1]
+    ci_q, ci_k = torch.full((Cq,), 0.7), torch.full((T, Ck), 0.7)
+    f = binary_factors(ci_q, ci_k, case.U_Q, case.U_K, case.layout, query_pos=T - 1, threshold=0.7)
+    assert (dense_contributions(f) == 0).all()
+
+
+# --- (h) exact top-N in bounded memory -------------------------------------------------
+
+
+@st.composite
+def item_factors(draw) -> ItemFactors:
+    kv, group = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    cq, ck, j, d = (draw(st.integers(1, 9)) for _ in range(4))
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    q = torch.randn(kv * group, cq, d, generator=gen, dtype=torch.float64)
+    k = torch.randn(kv, ck, j, d, generator=gen, dtype=torch.float64)
+    return ItemFactors(q=q, k=k, scale=draw(st.sampled_from([0.25, -1.0])))
+
+
+def brute_force_top(peaks: torch.Tensor, n: int) -> list[tuple[int, int]]:
+    """Rank every (c, d) of a (C_q, C_k) peak table by sorting all of them."""
+    order = sorted(
+        ((peaks[c, d].item(), c, d) for c in range(peaks.shape[0]) for d in range(peaks.shape[1])),
+        reverse=True,
+    )
+    return [(c, d) for _, c, d in order[:n]]
+
+
+@given(item_factors(), st.integers(1, 12), st.integers(1, 4096))
+def test_chunked_top_n_equals_brute_force_ranking_of_the_dense_tensor(f, n, budget):
+    got = top_pairs(f, n, budget_bytes=budget)
+    dense = dense_contributions(f)  # (H, Cq, Ck, J)
+    for h in range(f.n_head):
+        want = brute_force_top(dense[h].abs().amax(dim=-1), n)
+        assert [tuple(p) for p in got.head_pairs[h].tolist()] == want, f"head {h}"
+    want_mean = brute_force_top(dense.mean(dim=0).abs().amax(dim=-1), n)
+    assert [tuple(p) for p in got.mean_pairs.tolist()] == want_mean
+
+
+def test_top_n_walks_in_chunks_that_fit_the_budget():
+    f = ItemFactors(q=torch.randn(6, 250, 32), k=torch.randn(3, 200, 512, 32), scale=0.2)
+    dense_bytes = 6 * 250 * 200 * 512 * 4
+    step = chunk_size(f, budget_bytes=16 * 2**20)
+    assert 1 <= step < 250
+    assert (2 * 6 + 1) * step * 200 * 512 * 4 <= 16 * 2**20 < dense_bytes
+
+
+# --- the checks have teeth -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def teeth_case() -> Case:
+    """A fixed, non-degenerate layer: GQA (4 heads over 2), partial rotary, biases."""
+    gen = torch.Generator().manual_seed(1234)
+    d_model, H, KV, d, T, Cq, Ck = 12, 4, 2, 6, 7, 8, 6
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    V_Q, U_Q, V_K, U_K = randn(d_model, Cq), randn(Cq, H * d), randn(d_model, Ck), randn(Ck, KV * d)
+    return Case(
+        x=randn(2, T, d_model),
+        V_Q=V_Q,
+        U_Q=U_Q,
+        V_K=V_K,
+        U_K=U_K,
+        W_Q=(V_Q @ U_Q).T + 0.1 * randn(H * d, d_model),
+        W_K=(V_K @ U_K).T + 0.1 * randn(KV * d, d_model),
+        b_Q=randn(H * d),
+        b_K=randn(KV * d),
+        n_head=H,
+        n_kv=KV,
+        head_dim=d,
+        rotary_dim=4,
+        adjacent=False,
+        dtype=torch.float64,
+    )
+
+
+def test_the_correct_reference_passes_closure(teeth_case):
+    err, tol = closure_violations(teeth_case, teeth_case.reference())
+    assert err <= tol
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        pytest.param(dict(adjacent=True), id="wrong-rotary-layout"),
+        pytest.param(dict(head_map=[0, 1, 0, 1]), id="wrong-gqa-grouping"),
+        pytest.param(dict(scale=1.0), id="missing-scale"),
+    ],
+)
+def test_a_wrong_reference_breaks_closure(teeth_case, fault):
+    err, tol = closure_violations(teeth_case, teeth_case.reference(**fault))
+    assert err > 1000 * tol, f"fault went unnoticed: closure error {err:.3g}"
+
+
+def test_query_and_key_positions_off_by_one_break_closure(teeth_case):
+    """Shifting the keys' positions against the queries' is a real offset bug."""
+    dec = decompose_layer(
+        teeth_case.x, teeth_case.weights, teeth_case.layout, positions=torch.arange(7) + 1
+    )
+    ref = teeth_case.reference()
+    # the decomposition at shifted positions agrees with the reference (symmetry) ...
+    assert lower((dec.closure - ref).abs() / dec.magnitude).max() <= teeth_case.tolerance(1)
+    # ... but a reference rotating keys at j+1 and queries at i does not
+    R0 = rotation_matrices(torch.arange(7), 6, 4, 1e4, False)
+    R1 = rotation_matrices(torch.arange(7) + 1, 6, 4, 1e4, False)
+    c = teeth_case
+    q = (c.x @ c.W_Q.T + c.b_Q).reshape(2, 7, 4, 6)
+    k = (c.x @ c.W_K.T + c.b_K).reshape(2, 7, 2, 6)
+    q = torch.einsum("tde,bthe->bthd", R0, q)
+    k = torch.einsum("tde,bthe->bthd", R1, k)
+    bad = torch.stack([c.scale * q[:, :, h] @ k[:, :, h // 2].transpose(1, 2) for h in range(4)], 1)
+    err, tol = closure_violations(teeth_case, bad)
+    assert err > 1000 * tol
