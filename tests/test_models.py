@@ -262,6 +262,8 @@ def test_capture_records_the_input_of_every_linear_and_forward_is_differentiable
     assert set(captured.module_inputs) == linears
     for layer, spec in enumerate(model.attention_specs()):
         assert torch.equal(captured.module_inputs[spec.k_path], captured.attn_inputs[layer])
+    only_queries = model.capture(tokens, modules={"h.1.attn.q_proj"})
+    assert list(only_queries.module_inputs) == ["h.1.attn.q_proj"]
     out = model(tokens)
     assert out.shape == (3, 12, BASE["vocab_size"])
     out.logsumexp(-1).sum().backward()

@@ -8,8 +8,8 @@ pre-mask scores, so :meth:`TargetModel.capture` gets the model's own logits (DES
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from typing import Any, ClassVar
+from collections.abc import Collection, Mapping
+from typing import Any, ClassVar, Self
 
 import torch
 from torch import Tensor, nn
@@ -127,6 +127,11 @@ class TargetModel(nn.Module):
     vocab_size: int
     n_layer: int
 
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], source: str = "") -> Self:
+        """Build with random weights from an spd model config (``source`` names its file)."""
+        raise NotImplementedError
+
     def describe(self) -> str:
         return self.name
 
@@ -148,14 +153,15 @@ class TargetModel(nn.Module):
                 f"got range [{int(tokens.min())}, {int(tokens.max())}]"
             )
 
-    def capture(self, tokens: Tensor) -> Capture:
-        """One no-grad forward pass recording attention inputs, pre-mask logits and every
-        Linear's input (keyed by module path, e.g. ``"h.0.attn.q_proj"``)."""
+    def capture(self, tokens: Tensor, modules: Collection[str] | None = None) -> Capture:
+        """One no-grad forward pass recording attention inputs, pre-mask logits and the input
+        of every Linear (keyed by module path, e.g. ``"h.0.attn.q_proj"``) — or only of those
+        in ``modules``."""
         self.check_tokens(tokens)
         result = Capture()
         handles = []
         for path, module in self.named_modules():
-            if isinstance(module, nn.Linear):
+            if isinstance(module, nn.Linear) and (modules is None or path in modules):
                 handles.append(module.register_forward_pre_hook(_input_recorder(result, path)))
             elif isinstance(module, CapturingAttention):
                 module.sink = result

@@ -65,7 +65,7 @@ def build_target_model(
     non-finite tensors. The model comes back in eval mode.
     """
     cls = resolve_model_class(class_name, model_config)
-    model = cls.from_config(model_config, source=config_source)  # type: ignore[attr-defined]
+    model = cls.from_config(model_config, source=config_source)
     if state_dict is not None:
         model.load_checked_state_dict(state_dict, source)
     return model.eval()
