@@ -223,22 +223,7 @@ def decompose_layer(
         * ((k_hat_h + dk_h).norm(dim=-1)[..., None, :])
     )
 
-    key_of = torch.arange(H, device=x.device) // group
-    zeros = torch.zeros(H, dtype=x.dtype, device=x.device)
-
-    def bias_norm(b: Tensor | None, n: int) -> Tensor:
-        return zeros[:n] if b is None else b.reshape(n, -1).norm(dim=-1)
-
-    b_weight = weight_bound(
-        x.norm(dim=-1),
-        head_norms(w.W_hat_Q, H, norm),
-        head_norms(w.W_hat_K, KV, norm)[key_of],
-        head_norms(w.delta_Q, H, norm),
-        head_norms(w.delta_K, KV, norm)[key_of],
-        bias_norm(w.b_Q, H),
-        bias_norm(w.b_K, KV)[key_of],
-        s,
-    )
+    b_weight = _weight_bound(x, w, layout, norm)
     return LayerDecomposition(
         component_sum=component_sum,
         bias_terms=bias_terms,
@@ -248,6 +233,60 @@ def decompose_layer(
         weight_bound=b_weight,
         magnitude=magnitude,
         target=target,
+    )
+
+
+def budget_bound(
+    x: Tensor,
+    weights: LayerWeights,
+    layout: HeadLayout,
+    fraction: float,
+    norm: NormKind = "spectral",
+) -> Tensor:
+    """``B_weight`` with each head's ‖Δ‖ replaced by ``fraction · ‖W‖`` of the target head
+    slice: the residual a run may have if its delta were that large. ``(batch, head, i, j)``."""
+    w = weights.to(x.dtype, x.device)
+    H, KV = layout.n_head, layout.n_kv_heads
+    W_Q, W_K = w.W_hat_Q + w.delta_Q, w.W_hat_K + w.delta_K
+    return _weight_bound(
+        x,
+        w,
+        layout,
+        norm,
+        delta_q=fraction * head_norms(W_Q, H, norm),
+        delta_k=fraction * head_norms(W_K, KV, norm),
+    )
+
+
+def _weight_bound(
+    x: Tensor,
+    w: LayerWeights,
+    layout: HeadLayout,
+    norm: NormKind,
+    delta_q: Tensor | None = None,
+    delta_k: Tensor | None = None,
+) -> Tensor:
+    """``B_weight`` for every (batch, head, i, j); ‖Δ‖ per head measured unless given."""
+    H, KV = layout.n_head, layout.n_kv_heads
+    key_of = torch.arange(H, device=x.device) // layout.group
+    zeros = torch.zeros(H, dtype=x.dtype, device=x.device)
+
+    def bias_norm(b: Tensor | None, n: int) -> Tensor:
+        return zeros[:n] if b is None else b.reshape(n, -1).norm(dim=-1)
+
+    if delta_q is None:
+        delta_q = head_norms(w.delta_Q, H, norm)
+    if delta_k is None:
+        delta_k = head_norms(w.delta_K, KV, norm)
+    return weight_bound(
+        x.norm(dim=-1),
+        head_norms(w.W_hat_Q, H, norm),
+        head_norms(w.W_hat_K, KV, norm)[key_of],
+        delta_q,
+        delta_k[key_of],
+        bias_norm(w.b_Q, H),
+        bias_norm(w.b_K, KV)[key_of],
+        layout.scale,
     )
 
 

@@ -1,0 +1,178 @@
+"""Validation settings: what to check and how, parsed from command-line strings.
+
+Parsing is separate from pytest so it can be tested plainly; every bad value raises
+:class:`OptionError` naming the option, the value and what it takes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from qkcheck.errors import QKCheckError
+
+
+class OptionError(QKCheckError):
+    """A validation option has a value it does not take."""
+
+
+Mode = Literal["weighted", "binary"]
+Bound = Literal["data", "weight", "budget"]
+Plots = Literal["none", "failed", "all"]
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+@dataclass(frozen=True)
+class Selection:
+    """A count (first N), explicit indices, or everything (``None`` for both)."""
+
+    count: int | None = None
+    indices: tuple[int, ...] | None = None
+    last: bool = False
+
+    def resolve(self, n: int, what: str, option: str) -> list[int]:
+        """Concrete indices out of ``n`` available; out-of-range → OptionError."""
+        if self.last:
+            return [n - 1]
+        if self.indices is not None:
+            bad = [i for i in self.indices if not 0 <= i < n]
+            if bad:
+                raise OptionError(
+                    f"{option}: {what} {bad} out of range; this run has {n} {what} (0..{n - 1})"
+                )
+            return list(self.indices)
+        if self.count is not None:
+            if self.count > n:
+                raise OptionError(f"{option}: asked for {self.count} {what}, the run has {n}")
+            return list(range(self.count))
+        return list(range(n))
+
+
+@dataclass(frozen=True)
+class Settings:
+    run_id: str
+    samples: Selection = Selection()
+    samples_file: Path | None = None
+    layers: Selection = Selection()
+    query_pos: Selection = Selection()
+    mode: Mode = "weighted"
+    ci_threshold: float = 0.1
+    top_n: int = 8
+    plots: Plots = "failed"
+    max_plots: int = 20
+    artifacts_dir: Path | None = None
+    device: str = "cpu"
+    dtype: str = "float32"
+    bound: Bound = "weight"
+    norm: Literal["spectral", "frobenius"] = "spectral"
+    delta_budget: float = 0.25
+    gate_tolerance: float = 0.25
+    baseline: str | None = None
+    batch_size: int = 4
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def artifacts_for(self, run_name: str) -> Path:
+        return self.artifacts_dir or Path("qk-artifacts") / run_name
+
+
+def parse_indices(text: str, option: str) -> tuple[int, ...]:
+    """``"3"``, ``"0,2,5"`` or ranges ``"0-7,12"`` → indices, in order, without repeats."""
+    out: list[int] = []
+    try:
+        for part in text.split(","):
+            part = part.strip()
+            if "-" in part:
+                lo, hi = (int(p) for p in part.split("-", 1))
+                if hi < lo:
+                    raise ValueError
+                out.extend(range(lo, hi + 1))
+            else:
+                out.append(int(part))
+    except ValueError:
+        raise OptionError(
+            f"{option}: {text!r} is not a list of indices; expected e.g. 3, 0,2,5 or 0-7"
+        ) from None
+    if any(i < 0 for i in out):
+        raise OptionError(f"{option}: {text!r} has a negative index")
+    return tuple(dict.fromkeys(out))
+
+
+def parse_samples(text: str | None) -> Selection:
+    """``--samples``: a count ``N`` (first N samples) or indices ``i,j,k`` / ``a-b``."""
+    if text is None or text == "all":
+        return Selection()
+    if text.isdigit():
+        if int(text) < 1:
+            raise OptionError("--samples: count must be at least 1")
+        return Selection(count=int(text))
+    return Selection(indices=parse_indices(text, "--samples"))
+
+
+def parse_layers(text: str | None) -> Selection:
+    if text is None or text == "all":
+        return Selection()
+    return Selection(indices=parse_indices(text, "--layers"))
+
+
+def parse_query_pos(text: str | None) -> Selection:
+    if text is None or text == "all":
+        return Selection()
+    if text == "last":
+        return Selection(last=True)
+    return Selection(indices=parse_indices(text, "--query-pos"))
+
+
+def choice(option: str, value: str, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise OptionError(f"{option}: {value!r} is not one of {', '.join(allowed)}")
+    return value
+
+
+def number(option: str, value: str | float, kind: type, lo: float, hi: float | None = None):
+    try:
+        x = kind(value)
+    except (TypeError, ValueError):
+        raise OptionError(f"{option}: {value!r} is not a {kind.__name__}") from None
+    if x < lo or (hi is not None and x > hi):
+        rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise OptionError(f"{option}: {value!r} must be {rng}")
+    return x
+
+
+def parse_settings(opt) -> Settings:
+    """Build :class:`Settings` from ``opt(name) -> raw value`` (pytest's getoption)."""
+    device = opt("qk_device")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise OptionError(f"--device: {device!r} is not cpu or cuda[:N]")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise OptionError(f"--device: {device!r} asked for, but torch sees no CUDA device")
+    samples_file = opt("qk_samples_file")
+    artifacts = opt("qk_artifacts_dir")
+    return Settings(
+        run_id=opt("qk_run_id"),
+        samples=parse_samples(opt("qk_samples")),
+        samples_file=Path(samples_file) if samples_file else None,
+        layers=parse_layers(opt("qk_layers")),
+        query_pos=parse_query_pos(opt("qk_query_pos")),
+        mode=choice("--mode", opt("qk_mode"), ("weighted", "binary")),  # type: ignore[arg-type]
+        ci_threshold=number("--ci-threshold", opt("qk_ci_threshold"), float, 0.0, 1.0),
+        top_n=number("--top-n", opt("qk_top_n"), int, 1),
+        plots=choice("--plots", opt("qk_plots"), ("none", "failed", "all")),  # type: ignore[arg-type]
+        max_plots=number("--max-plots", opt("qk_max_plots"), int, 0),
+        artifacts_dir=Path(artifacts) if artifacts else None,
+        device=device,
+        dtype=choice("--dtype", opt("qk_dtype"), tuple(DTYPES)),
+        bound=choice("--bound", opt("qk_bound"), ("data", "weight", "budget")),  # type: ignore[arg-type]
+        norm=choice("--norm", opt("qk_norm"), ("spectral", "frobenius")),  # type: ignore[arg-type]
+        delta_budget=number("--delta-budget", opt("qk_delta_budget"), float, 0.0),
+        gate_tolerance=number("--gate-tolerance", opt("qk_gate_tolerance"), float, 0.0),
+        baseline=opt("qk_baseline"),
+        batch_size=number("--qk-batch-size", opt("qk_batch_size"), int, 1),
+    )

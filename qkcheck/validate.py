@@ -1,0 +1,378 @@
+"""The validation engine behind ``pytest validation/``: cached per (layer, sample) work.
+
+One target forward pass per batch of samples serves every layer. For a (layer, sample)
+group, one :func:`~qkcheck.decompose.decompose_layer` call gives every query position's
+terms; the per-item verdicts (closure, bound) are reduced from them at once, so a test
+item only indexes cached results. Nothing here imports pytest.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from qkcheck.decompose import (
+    HeadLayout,
+    LayerWeights,
+    budget_bound,
+    causal_mask,
+    closure_tolerance,
+    decompose_layer,
+)
+from qkcheck.models.base import AttentionSpec, Capture
+from qkcheck.settings import Settings
+
+Item = tuple[int, int, int]  # (layer, sample, query_pos)
+
+
+def item_id(layer: int, sample: int, query_pos: int) -> str:
+    """Test id of an item, e.g. ``L1-S3-Q17`` (select with ``-k``)."""
+    return f"L{layer}-S{sample}-Q{query_pos}"
+
+
+@dataclass(frozen=True)
+class ItemResult:
+    """Verdict and numbers for one (layer, sample, query_pos).
+
+    ``ratio`` is the worst ``|r| / B`` over heads and keys ``j ≤ i`` for the asserted bound
+    (at ``head``, ``key``); ``r``, ``bound``, ``data_bound``, ``weight_bound`` are taken
+    there. ``closure_error`` is the worst ``|closure − target| / magnitude``.
+    """
+
+    layer: int
+    sample: int
+    query_pos: int
+    closure_error: float
+    closure_tol: float
+    ratio: float
+    excess: float  # max(|r| − B − rounding slack); > 0 means the bound is broken
+    head: int
+    key: int
+    r: float
+    bound: float
+    data_bound: float
+    weight_bound: float
+    bound_kind: str
+
+    @property
+    def closure_ok(self) -> bool:
+        return self.closure_error <= self.closure_tol
+
+    @property
+    def bound_ok(self) -> bool:
+        return self.excess <= 0
+
+    @property
+    def passed(self) -> bool:
+        return self.closure_ok and self.bound_ok
+
+    @property
+    def id(self) -> str:
+        return item_id(self.layer, self.sample, self.query_pos)
+
+    def explain(self) -> str:
+        """Numbers a failure message reports."""
+        lines = []
+        if not self.closure_ok:
+            lines.append(
+                f"closure broken: worst |closure − target| / magnitude = "
+                f"{self.closure_error:.3g} > tolerance {self.closure_tol:.3g}"
+            )
+        if not self.bound_ok:
+            lines.append(
+                f"|r| > B_{self.bound_kind}: head {self.head}, key_pos {self.key}: "
+                f"r = {self.r:.4g}, B = {self.bound:.4g}, |r|/B = {self.ratio:.3g}"
+            )
+        lines.append(
+            f"{self.id}: worst head {self.head} key_pos {self.key}: r = {self.r:.4g}, "
+            f"B_data = {self.data_bound:.4g}, B_weight = {self.weight_bound:.4g}, "
+            f"|r|/B_{self.bound_kind} = {self.ratio:.3g}, closure error = "
+            f"{self.closure_error:.3g} (tol {self.closure_tol:.3g})"
+        )
+        return "\n".join(lines)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "layer": self.layer,
+            "sample": self.sample,
+            "query_pos": self.query_pos,
+            "passed": self.passed,
+            "closure_ok": self.closure_ok,
+            "bound_ok": self.bound_ok,
+            "closure_error": self.closure_error,
+            "ratio": self.ratio,
+            "head": self.head,
+            "key": self.key,
+            "r": self.r,
+            "bound": self.bound,
+        }
+
+
+@dataclass
+class GroupResult:
+    """Everything computed once for a (layer, sample) and indexed by its items."""
+
+    layer: int
+    sample: int
+    closure_tol: float
+    #: (head, query_pos, key_pos): component sum incl. bias, the target model's logits
+    component_sum: Tensor
+    target: Tensor
+    #: per query position (query_pos,)
+    closure_error: Tensor
+    excess: Tensor
+    ratio: Tensor
+    head: Tensor
+    key: Tensor
+    r: Tensor
+    bound: Tensor
+    data_bound: Tensor
+    weight_bound: Tensor
+    #: compact statistics for the run-level gate
+    abs_r: np.ndarray  # |r| over heads and causal (i, j), float32
+    target_sum: float
+    target_sumsq: float
+    target_count: int
+
+    def item(self, query_pos: int, bound_kind: str) -> ItemResult:
+        i = query_pos
+        return ItemResult(
+            layer=self.layer,
+            sample=self.sample,
+            query_pos=i,
+            closure_error=float(self.closure_error[i]),
+            closure_tol=self.closure_tol,
+            ratio=float(self.ratio[i]),
+            excess=float(self.excess[i]),
+            head=int(self.head[i]),
+            key=int(self.key[i]),
+            r=float(self.r[i]),
+            bound=float(self.bound[i]),
+            data_bound=float(self.data_bound[i]),
+            weight_bound=float(self.weight_bound[i]),
+            bound_kind=bound_kind,
+        )
+
+
+class _LRU(OrderedDict):
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+
+    def put(self, key, value) -> None:
+        self[key] = value
+        self.move_to_end(key)
+        while len(self) > self.size:
+            self.popitem(last=False)
+
+    def hit(self, key):
+        value = self.get(key)
+        if value is not None:
+            self.move_to_end(key)
+        return value
+
+
+class Validator:
+    """Validation of one run on chosen samples, layers and query positions.
+
+    ``tokens`` ``(n_samples, pos)`` are the selected samples, ``sample_ids`` their indices
+    in the source. Read-only after construction apart from its caches.
+    """
+
+    def __init__(self, run, tokens: Tensor, sample_ids: list[int], settings: Settings) -> None:
+        self.run = run
+        self.settings = settings
+        self.tokens = tokens
+        self.sample_ids = sample_ids
+        self._row = {s: r for r, s in enumerate(sample_ids)}
+        specs = run.layers
+        layer_ids = settings.layers.resolve(len(specs), "layers", "--layers")
+        self.specs: dict[int, AttentionSpec] = {i: specs[i] for i in layer_ids}
+        T = tokens.shape[1]
+        self.query_positions = settings.query_pos.resolve(T, "query positions", "--query-pos")
+        self._captures = _LRU(2)
+        self._groups = _LRU(4)
+        self._stats: dict[tuple[int, int], GroupResult] = {}
+        self._weights: dict[int, LayerWeights] = {}
+        self.n_forward = 0
+
+    # --- metadata ------------------------------------------------------------------------
+
+    @property
+    def layers(self) -> list[int]:
+        return list(self.specs)
+
+    def items(self) -> list[Item]:
+        """Every item, sample-major so one forward batch serves consecutive items."""
+        return [
+            (layer, s, q)
+            for s in self.sample_ids
+            for layer in self.specs
+            for q in self.query_positions
+        ]
+
+    def layout(self, layer: int) -> HeadLayout:
+        sp = self.specs[layer]
+        return HeadLayout(sp.n_head, sp.n_kv_heads, sp.head_dim, sp.scale, sp.rotary)
+
+    def weights(self, layer: int) -> LayerWeights:
+        if layer not in self._weights:
+            sp = self.specs[layer]
+            V_Q, U_Q = self.run.components(sp.q_path)
+            V_K, U_K = self.run.components(sp.k_path)
+            W_Q, b_Q = self.run.target_weight(sp.q_path)
+            W_K, b_K = self.run.target_weight(sp.k_path)
+            self._weights[layer] = LayerWeights.from_target(
+                V_Q, U_Q, V_K, U_K, W_Q, W_K, b_Q, b_K
+            ).to(self.settings.torch_dtype, self.settings.device)
+        return self._weights[layer]
+
+    def delta_fractions(self) -> dict[str, float]:
+        """``‖Δ‖_F / ‖W‖_F`` per q/k module of the selected layers."""
+        out = {}
+        for layer, sp in self.specs.items():
+            w = self.weights(layer)
+            for path, delta, W_hat in (
+                (sp.q_path, w.delta_Q, w.W_hat_Q),
+                (sp.k_path, w.delta_K, w.W_hat_K),
+            ):
+                W = (W_hat + delta).double()
+                out[path] = float(delta.double().norm() / W.norm().clamp_min(1e-300))
+        return out
+
+    # --- forward passes ------------------------------------------------------------------
+
+    def capture(self, sample: int) -> tuple[Capture, int]:
+        """The forward capture holding ``sample`` and its row in the batch."""
+        row = self._row[sample]
+        bs = self.settings.batch_size
+        b = row // bs
+        cap = self._captures.hit(b)
+        if cap is None:
+            with torch.no_grad():
+                cap = self.run.capture(self.tokens[b * bs : (b + 1) * bs])
+            self.n_forward += 1
+            self._captures.put(b, cap)
+        return cap, row - b * bs
+
+    # --- per (layer, sample) -------------------------------------------------------------
+
+    def group(self, layer: int, sample: int) -> GroupResult:
+        key = (layer, sample)
+        g = self._groups.hit(key)
+        if g is None:
+            g = self._compute_group(layer, sample)
+            self._groups.put(key, g)
+            self._stats[key] = _strip(g)
+        return g
+
+    def item(self, layer: int, sample: int, query_pos: int) -> ItemResult:
+        return self.group(layer, sample).item(query_pos, self.settings.bound)
+
+    def _compute_group(self, layer: int, sample: int) -> GroupResult:
+        cap, row = self.capture(sample)
+        dtype, dev = self.settings.torch_dtype, self.settings.device
+        x = cap.attn_inputs[layer][row : row + 1].to(dtype=dtype, device=dev)
+        target = cap.logits[layer][row : row + 1].to(dtype=dtype, device=dev)
+        w, layout = self.weights(layer), self.layout(layer)
+        with torch.no_grad():
+            dec = decompose_layer(x, w, layout, target=target, norm=self.settings.norm)
+            if self.settings.bound == "budget":
+                chosen = budget_bound(x, w, layout, self.settings.delta_budget, self.settings.norm)
+            elif self.settings.bound == "data":
+                chosen = dec.data_bound
+            else:
+                chosen = dec.weight_bound
+        T = x.shape[1]
+        # rounding of the target model (float32 at best) and of this computation
+        model_dtype = cap.logits[layer].dtype
+        worst_dtype = (
+            model_dtype if torch.finfo(model_dtype).eps > torch.finfo(dtype).eps else dtype
+        )
+        tol = closure_tolerance(
+            worst_dtype,
+            x.shape[-1],
+            max(w.V_Q.shape[1], w.V_K.shape[1]),
+            layout.head_dim,
+            T,
+        )
+        mask = causal_mask(T, device=dev)[None]  # (1, i, j)
+        cerr = dec.closure_error[0].masked_fill(~mask, 0).amax(dim=(0, 2))
+        r = dec.residual[0]
+        slack = tol * dec.magnitude[0]
+        excess = (r.abs() - chosen[0] - slack).masked_fill(~mask, -torch.inf).amax(dim=(0, 2))
+        ratio = torch.where(
+            chosen[0] > 0, r.abs() / chosen[0].clamp_min(1e-300), (r.abs() > slack) * torch.inf
+        )
+        ratio = torch.nan_to_num(ratio.masked_fill(~mask, -1.0), nan=0.0)
+        H = ratio.shape[0]
+        flat = ratio.permute(1, 0, 2).reshape(T, H * T)  # (i, head·j)
+        best, where = flat.max(dim=1)
+        head, key = where // T, where % T
+        idx = torch.arange(T, device=dev)
+
+        def at(t: Tensor) -> Tensor:
+            return t[0][head, idx, key].cpu()
+
+        tgt_low = target[0][mask.expand(H, T, T)].double()
+        S = dec.component_sum + dec.bias_terms
+        return GroupResult(
+            layer=layer,
+            sample=sample,
+            closure_tol=tol,
+            component_sum=S[0].cpu(),
+            target=target[0].cpu(),
+            closure_error=cerr.cpu(),
+            excess=excess.cpu(),
+            ratio=best.clamp_min(0).cpu(),
+            head=head.cpu(),
+            key=key.cpu(),
+            r=at(dec.residual),
+            bound=at(chosen),
+            data_bound=at(dec.data_bound),
+            weight_bound=at(dec.weight_bound),
+            abs_r=r.abs()[mask.expand(H, T, T)].float().cpu().numpy(),
+            target_sum=float(tgt_low.sum()),
+            target_sumsq=float((tgt_low**2).sum()),
+            target_count=int(tgt_low.numel()),
+        )
+
+    # --- run-level quality ---------------------------------------------------------------
+
+    def layer_quality(self, layer: int) -> dict[str, float]:
+        """Residual statistics of a layer over the selected samples (all query positions).
+
+        ``median_abs_r``/``p99_abs_r``: of |r| over heads and causal (i, j);
+        ``worst_ratio``: max |r|/B; ``r_frac_of_logit_scale``: median |r| over the standard
+        deviation of the target logits; ``max_closure_error``.
+        """
+        groups = []
+        for s in self.sample_ids:
+            g = self._stats.get((layer, s))
+            if g is None:
+                self.group(layer, s)
+                g = self._stats[(layer, s)]
+            groups.append(g)
+        abs_r = np.concatenate([g.abs_r for g in groups])
+        n = sum(g.target_count for g in groups)
+        mean = sum(g.target_sum for g in groups) / n
+        var = max(sum(g.target_sumsq for g in groups) / n - mean**2, 0.0)
+        median = float(np.median(abs_r))
+        return {
+            "median_abs_r": median,
+            "p99_abs_r": float(np.percentile(abs_r, 99)),
+            "worst_ratio": float(max(float(g.ratio.max()) for g in groups)),
+            "r_frac_of_logit_scale": median / max(var**0.5, 1e-30),
+            "max_closure_error": float(max(float(g.closure_error.max()) for g in groups)),
+        }
+
+
+def _strip(g: GroupResult) -> GroupResult:
+    """The compact part of a group kept for the whole session (no (head, i, j) tensors)."""
+    empty = torch.empty(0)
+    return GroupResult(**{**g.__dict__, "component_sum": empty, "target": empty})
