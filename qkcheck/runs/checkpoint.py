@@ -62,7 +62,7 @@ def read_checkpoint(path: Path) -> dict[str, Tensor]:
             data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         # weights_only refuses any pickle that would import or call code.
-        what = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        what = re.search(r"GLOBAL ([\w.]+)", str(e))
         named = f" (it references {what.group(1)})" if what else ""
         raise CheckpointError(
             f"{path}: refused to load: the file is a pickle that needs code execution{named}; "

@@ -259,7 +259,8 @@ class _Fields:
 
     def string(self, key: str, default: Any = _MISSING) -> Any:
         value = self._get(key, default)
-        if value is not None and not isinstance(value, str):
+        required = default is _MISSING
+        if (value is not None or required) and not isinstance(value, str):
             raise self._bad(key, "a string", value)
         return value
 

@@ -8,7 +8,7 @@ target model, CI functions, samples, token labels — is built on first use.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -213,11 +213,11 @@ class Run:
     def vocab_size(self) -> int:
         return int(self.model.vocab_size)  # type: ignore[arg-type]
 
-    def capture(self, tokens: Tensor) -> Capture:
+    def capture(self, tokens: Tensor, modules: Collection[str] | None = None) -> Capture:
         """One forward pass over ``tokens`` ``(batch, pos)``: every layer's attention input and
-        pre-softmax logits, and every Linear's input."""
+        pre-softmax logits, and the input of every Linear (or only of those in ``modules``)."""
         tokens = check_tokens(tokens, vocab_size=self.vocab_size, n_ctx=self.n_ctx)
-        return self.model.capture(tokens)  # type: ignore[operator]
+        return self.model.capture(tokens, modules)  # type: ignore[operator]
 
     def target_attention_logits(self, tokens: Tensor) -> dict[int, Tensor]:
         """``layer -> (batch, head, query_pos, key_pos)`` pre-softmax logits from the target
@@ -252,7 +252,8 @@ class Run:
     ) -> dict[str, Tensor]:
         """Lower (thresholding) CI, ``module path -> (batch, pos, comp)``, for ``paths``
         (default: every decomposed module). Pass ``capture`` to reuse a forward pass."""
-        capture = capture if capture is not None else self.capture(tokens)
+        if capture is None:
+            capture = self.capture(tokens, modules=self.module_paths)
         inputs = dict(capture.module_inputs)
         for path in self._components:
             if isinstance(self._submodule(path), nn.Embedding):
