@@ -120,7 +120,8 @@ class LayerDecomposition:
     residual: Tensor  # target − (component_sum + bias_terms)
     data_bound: Tensor
     weight_bound: Tensor
-    #: |s|·|q̂+Δq|_i·|k̂+Δk|_j: the size every term is measured against (rounding scale)
+    #: |s|·(|q̂_i|+|Δq_i|)·(|k̂_j|+|Δk_j|): bounds every term's size; rounding is measured
+    #: against it (the logit itself can cancel to ~0 while its terms do not)
     magnitude: Tensor
     target: Tensor | None = None
 
@@ -217,11 +218,9 @@ def decompose_layer(
     k_hat_h = k_hat_r.repeat_interleave(group, dim=1)
     dk_h = dk.repeat_interleave(group, dim=1)
     b_data = data_bound(q_hat_r, k_hat_h, dq, dk_h, s)
-    magnitude = (
-        abs(s)
-        * ((q_hat_r + dq).norm(dim=-1)[..., :, None])
-        * ((k_hat_h + dk_h).norm(dim=-1)[..., None, :])
-    )
+    q_size = q_hat_r.norm(dim=-1) + dq.norm(dim=-1)
+    k_size = k_hat_h.norm(dim=-1) + dk_h.norm(dim=-1)
+    magnitude = abs(s) * q_size[..., :, None] * k_size[..., None, :]
 
     b_weight = _weight_bound(x, w, layout, norm)
     return LayerDecomposition(

@@ -151,24 +151,31 @@ class TopPairs:
 
     ``head_pairs``: ``(head, n, 2)`` (q-component, k-component), strongest first;
     ``head_peaks``: ``(head, n)``; ``mean_pairs``/``mean_peaks``: the same for the head
-    mean ``(1/H) Σ_h P[h]``. ``chunk``: query components per chunk used.
+    mean ``(1/H) Σ_h P[h]``. ``head_low``/``head_high`` ``(head, key_pos)`` and
+    ``mean_low``/``mean_high`` ``(key_pos,)``: the envelope (min, max) of every pair's
+    contribution, drawn as a faint band for the pairs outside the top-N.
+    ``chunk``: query components per chunk used.
     """
 
     head_pairs: Tensor
     head_peaks: Tensor
     mean_pairs: Tensor
     mean_peaks: Tensor
+    head_low: Tensor
+    head_high: Tensor
+    mean_low: Tensor
+    mean_high: Tensor
     chunk: int
 
 
 def chunk_size(f: ItemFactors, budget_bytes: int) -> int:
     """Query components per chunk so that the chunk's working set fits the budget.
 
-    A chunk holds the contributions ``(head, chunk, C_k, J)``, their absolute value and the
-    head mean: about ``(2 H + 1) · chunk · C_k · J`` elements.
+    A chunk holds the contributions ``(head, chunk, C_k, J)``, the head mean and the
+    reductions' temporaries: about ``(2 H + 2) · chunk · C_k · J`` elements.
     """
     H, Cq, Ck, J = f.shape
-    per_component = (2 * H + 1) * Ck * J * f.q.element_size()
+    per_component = (2 * H + 2) * Ck * J * f.q.element_size()
     return max(1, min(Cq, budget_bytes // max(per_component, 1)))
 
 
@@ -180,11 +187,23 @@ def top_pairs(f: ItemFactors, n: int, budget_bytes: int = DEFAULT_BUDGET) -> Top
     """
     H, Cq, Ck, _ = f.shape
     step = chunk_size(f, budget_bytes)
-    head_peak = torch.empty(H, Cq, Ck, dtype=f.q.dtype, device=f.q.device)
-    mean_peak = torch.empty(Cq, Ck, dtype=f.q.dtype, device=f.q.device)
+    J = f.k.shape[2]
+    opts = {"dtype": f.q.dtype, "device": f.q.device}
+    head_peak = torch.empty(H, Cq, Ck, **opts)
+    mean_peak = torch.empty(Cq, Ck, **opts)
+    head_low = torch.full((H, J), torch.inf, **opts)
+    head_high = torch.full((H, J), -torch.inf, **opts)
+    mean_low = torch.full((J,), torch.inf, **opts)
+    mean_high = torch.full((J,), -torch.inf, **opts)
     for c0 in range(0, Cq, step):
         block = _contract(f, f.q[:, c0 : c0 + step])  # (H, cc, Ck, J)
-        mean_peak[c0 : c0 + step] = block.mean(dim=0).abs_().amax(dim=-1)
+        mean = block.mean(dim=0)
+        torch.minimum(mean_low, mean.amin(dim=(0, 1)), out=mean_low)
+        torch.maximum(mean_high, mean.amax(dim=(0, 1)), out=mean_high)
+        mean_peak[c0 : c0 + step] = mean.abs_().amax(dim=-1)
+        del mean
+        torch.minimum(head_low, block.amin(dim=(1, 2)), out=head_low)
+        torch.maximum(head_high, block.amax(dim=(1, 2)), out=head_high)
         head_peak[:, c0 : c0 + step] = block.abs_().amax(dim=-1)
         del block
     n = min(n, Cq * Ck)
@@ -195,6 +214,10 @@ def top_pairs(f: ItemFactors, n: int, budget_bytes: int = DEFAULT_BUDGET) -> Top
         head_peaks=hp,
         mean_pairs=_unravel(mi, Ck),
         mean_peaks=mp,
+        head_low=head_low,
+        head_high=head_high,
+        mean_low=mean_low,
+        mean_high=mean_high,
         chunk=step,
     )
 
