@@ -36,9 +36,12 @@ class Capture:
     ``attn_inputs[layer]``: ``(batch, pos, d_model)``;
     ``logits[layer]``: ``(batch, head, query_pos, key_pos)`` pre-softmax scores, entries
     above the diagonal unspecified (the causal mask is applied after capture);
-    ``module_inputs[path]``: ``(batch, pos, d_in)`` input of every Linear, by module path.
+    ``module_inputs[path]``: ``(batch, pos, d_in)`` input of every Linear, by module path;
+    ``resid_pre[layer]``: ``(batch, pos, d_model)`` the block's input residual stream, before
+    the pre-attention norm (``attn_inputs`` is after it).
     """
 
     attn_inputs: dict[int, Tensor] = field(default_factory=dict)
     logits: dict[int, Tensor] = field(default_factory=dict)
     module_inputs: dict[str, Tensor] = field(default_factory=dict)
+    resid_pre: dict[int, Tensor] = field(default_factory=dict)

@@ -8,6 +8,7 @@ pre-mask scores, so :meth:`TargetModel.capture` gets the model's own logits (DES
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Collection, Mapping
 from typing import Any, ClassVar, Self
 
@@ -154,15 +155,18 @@ class TargetModel(nn.Module):
             )
 
     def capture(self, tokens: Tensor, modules: Collection[str] | None = None) -> Capture:
-        """One no-grad forward pass recording attention inputs, pre-mask logits and the input
-        of every Linear (keyed by module path, e.g. ``"h.0.attn.q_proj"``) — or only of those
-        in ``modules``."""
+        """One no-grad forward pass recording attention inputs, pre-mask logits, each
+        block's input residual stream (``resid_pre``, before its norm) and the input of every
+        Linear (keyed by module path, e.g. ``"h.0.attn.q_proj"``) — or only of those in
+        ``modules``."""
         self.check_tokens(tokens)
         result = Capture()
         handles = []
         for path, module in self.named_modules():
             if isinstance(module, nn.Linear) and (modules is None or path in modules):
                 handles.append(module.register_forward_pre_hook(_input_recorder(result, path)))
+            elif _BLOCK.fullmatch(path):
+                handles.append(module.register_forward_pre_hook(_resid_recorder(result, path)))
             elif isinstance(module, CapturingAttention):
                 module.sink = result
         try:
@@ -257,5 +261,18 @@ class TargetModel(nn.Module):
 def _input_recorder(capture: Capture, path: str):
     def hook(_module: nn.Module, args: tuple[Tensor, ...]) -> None:
         capture.module_inputs[path] = args[0].detach()
+
+    return hook
+
+
+#: transformer blocks, whose input is the residual stream before the pre-attention norm
+_BLOCK = re.compile(r"h\.(\d+)")
+
+
+def _resid_recorder(capture: Capture, path: str):
+    layer = int(path.split(".")[1])
+
+    def hook(_module: nn.Module, args: tuple[Tensor, ...]) -> None:
+        capture.resid_pre[layer] = args[0].detach()
 
     return hook
