@@ -168,9 +168,10 @@ def test_without_wandb_installed_the_error_says_how_to_install_it(monkeypatch):
 def test_a_source_that_is_neither_path_nor_reference_says_which_forms_work():
     with pytest.raises(
         RunNotFoundError,
-        match=r"'no/such/run.pth' is no existing file or directory .* Give one of: \"demo\"",
-    ):
+        match=r"'no/such/run.pth' is neither an existing file or directory .* nor a W&B reference",
+    ) as info:
         resolve_run("no/such/run.pth")
+    assert 'Give one of: "demo", a run directory, a model_<step>.pth file' in str(info.value)
 
 
 # --- the demo run ----------------------------------------------------------------------------

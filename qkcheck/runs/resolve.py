@@ -195,8 +195,8 @@ def resolve_run(source: str | os.PathLike[str], step: int | None = None) -> SPDR
     ref = parse_wandb_ref(text)
     if ref is None:
         raise RunNotFoundError(
-            f"run reference {text!r} is no existing file or directory "
-            f"(looked for {path.resolve()}) and no W&B reference. Give one of: {_REFERENCE_FORMS}"
+            f"run reference {text!r} is neither an existing file or directory "
+            f"(looked for {path.resolve()}) nor a W&B reference. Give one of: {_REFERENCE_FORMS}"
         )
     return _resolve_wandb_run(ref, step)
 
@@ -235,9 +235,9 @@ def run_files_from_dir(
 
 
 def _run_name(run_dir: Path) -> str:
-    # "<project>-<run_id>" folders (spd's cache) are named by the run id alone.
-    m = re.search(rf"({_RUN_ID})$", run_dir.name)
-    return m.group(1) if m else run_dir.name
+    # spd's cache folders are "<project>-<run_id>"; every other run folder is named as it is.
+    m = re.match(rf"^.+-({_RUN_ID})$", run_dir.name)
+    return m.group(1) if m and run_dir.parent.name == "runs" else run_dir.name
 
 
 def _run_files_from_checkpoint(path: Path, step: int | None) -> SPDRunFiles:
