@@ -242,7 +242,7 @@ def test_an_unknown_ci_type_fails_only_when_ci_is_asked_for(lone_run, genuine_to
     assert sorted(run.target_attention_logits(genuine_tokens[:1])) == [0, 1]  # weighted mode works
     with pytest.raises(
         UnsupportedError,
-        match=r"final_config.yaml: ci_config / sigmoid_type: CI function type 'fancy_mlp' "
+        match=r"final_config.yaml: field 'ci_config': CI function type 'fancy_mlp' "
         r"\(mode 'layerwise'\) is not supported",
     ):
         run.causal_importances(genuine_tokens[:1])

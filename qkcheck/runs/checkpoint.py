@@ -185,8 +185,8 @@ def split_checkpoint(
     if extra:
         raise CheckpointError(
             f"{path}: unexpected key '{COMPONENTS_PREFIX}{extra[0]}.V': module_info in the "
-            f"config decomposes no module {extra[0].replace('-', '.')!r} "
-            f"(components for {len(extra)} such module(s): {extra})"
+            f"config decomposes no module {extra[0].replace('-', '.')!r}"
+            + (f" ({len(extra)} such modules: {extra})" if len(extra) > 1 else "")
         )
     components = {
         module: _check_components(module, info, by_module.get(dash, {}), target, path)

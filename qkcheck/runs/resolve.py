@@ -327,9 +327,9 @@ def resolve_pretrain(reference: str | os.PathLike[str], near: Path | None = None
         if _pretrain_config_in(path):
             return _pretrain_files(path)
         tried.add(path, f"no {MODEL_CONFIG_NAME} or {SPD_CONFIG_NAME}")
-    else:
-        tried.add(path.resolve(), "no such file or directory")
     ref = parse_wandb_ref(text)
+    if not path.exists() and ref is None:
+        tried.add(path.resolve(), "no such file or directory")
     if ref is not None:
         for root in _search_roots(near):
             folder = root / "pretrain_cache" / ref.cache_name

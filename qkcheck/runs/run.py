@@ -261,7 +261,8 @@ class Run:
         try:
             return self.ci_functions.lower(inputs, list(paths) if paths is not None else None)
         except UnsupportedError as e:
-            raise UnsupportedError(f"{self.config.path}: ci_config / sigmoid_type: {e}") from e
+            field = "sigmoid_type" if str(e).startswith("sigmoid_type") else "ci_config"
+            raise UnsupportedError(f"{self.config.path}: field '{field}': {e}") from e
 
     # --- samples and labels ------------------------------------------------------------------
 
