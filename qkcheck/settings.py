@@ -70,6 +70,7 @@ class Settings:
     bound: Bound = "weight"
     norm: Literal["spectral", "frobenius"] = "spectral"
     delta_budget: float = 0.25
+    residual_budget: float = 0.2
     gate_tolerance: float = 0.25
     baseline: str | None = None
     batch_size: int = 4
@@ -172,6 +173,7 @@ def parse_settings(opt) -> Settings:
         bound=choice("--bound", opt("qk_bound"), ("data", "weight", "budget")),  # type: ignore[arg-type]
         norm=choice("--norm", opt("qk_norm"), ("spectral", "frobenius")),  # type: ignore[arg-type]
         delta_budget=number("--delta-budget", opt("qk_delta_budget"), float, 0.0),
+        residual_budget=number("--residual-budget", opt("qk_residual_budget"), float, 0.0),
         gate_tolerance=number("--gate-tolerance", opt("qk_gate_tolerance"), float, 0.0),
         baseline=opt("qk_baseline"),
         batch_size=number("--qk-batch-size", opt("qk_batch_size"), int, 1),

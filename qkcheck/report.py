@@ -1,0 +1,129 @@
+"""The end-of-session summary: a per-layer table for the terminal and the same as JSON.
+
+JSON schema (``summary.json`` in the artifacts directory)::
+
+    {"run": str, "settings": {option: value as text},
+     "totals": {"items": int, "passed": int, "failed": int},
+     "layers": {"<layer>": {"items", "passed", "failed": int,
+                            "worst_ratio": float, "worst_item": str,   # max |r|/B and where
+                            "max_closure_error": float,
+                            "median_abs_r", "p99_abs_r", "r_frac_of_logit_scale": float | null,
+                            "delta_q", "delta_k": float | null}},      # ‖Δ‖_F/‖W‖_F
+     "figures": {"paths": [str], "left_out": int}}
+
+Residual statistics and Δ fractions come from the run-level quality tests; they are null
+when those were deselected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+
+def build_summary(
+    run: str,
+    settings: Any,
+    items: Iterable[Mapping[str, Any]],
+    layers: Mapping[int, Mapping[str, Any]],
+    figures: Iterable[str],
+    left_out: int,
+) -> dict[str, Any]:
+    """Aggregate per-item records (``layer``, ``sample``, ``query_pos``, ``passed``,
+    ``ratio``, ``closure_error``) and per-layer quality records into the summary."""
+    per_layer: dict[int, dict[str, Any]] = {}
+    for it in items:
+        row = per_layer.setdefault(
+            it["layer"],
+            {
+                "items": 0,
+                "passed": 0,
+                "failed": 0,
+                "worst_ratio": -1.0,
+                "worst_item": None,
+                "max_closure_error": 0.0,
+            },
+        )
+        row["items"] += 1
+        row["passed" if it["passed"] else "failed"] += 1
+        if it["ratio"] > row["worst_ratio"]:
+            row["worst_ratio"] = it["ratio"]
+            row["worst_item"] = f"L{it['layer']}-S{it['sample']}-Q{it['query_pos']}"
+        row["max_closure_error"] = max(row["max_closure_error"], it["closure_error"])
+    for layer, q in layers.items():
+        row = per_layer.setdefault(
+            layer,
+            {
+                "items": 0,
+                "passed": 0,
+                "failed": 0,
+                "worst_ratio": None,
+                "worst_item": None,
+                "max_closure_error": None,
+            },
+        )
+        for key in ("median_abs_r", "p99_abs_r", "r_frac_of_logit_scale", "delta_q", "delta_k"):
+            if key in q:
+                row[key] = q[key]
+    for row in per_layer.values():
+        for key in ("median_abs_r", "p99_abs_r", "r_frac_of_logit_scale", "delta_q", "delta_k"):
+            row.setdefault(key, None)
+    settings_text = {k: str(v) for k, v in dataclasses.asdict(settings).items()} if settings else {}
+    rows = per_layer.values()
+    return {
+        "run": run,
+        "settings": settings_text,
+        "totals": {
+            "items": sum(r["items"] for r in rows),
+            "passed": sum(r["passed"] for r in rows),
+            "failed": sum(r["failed"] for r in rows),
+        },
+        "layers": {str(k): per_layer[k] for k in sorted(per_layer)},
+        "figures": {"paths": sorted(figures), "left_out": left_out},
+    }
+
+
+def format_table(summary: Mapping[str, Any]) -> list[str]:
+    """The per-layer table as terminal lines."""
+    head = (
+        f"{'layer':>5} {'items':>7} {'passed':>7} {'failed':>7} {'worst |r|/B':>12} "
+        f"{'median |r|':>11} {'max closure err':>16} {'‖Δ‖/‖W‖ q':>10} {'‖Δ‖/‖W‖ k':>10}"
+    )
+    lines = [f"run {summary['run']}", head]
+
+    def num(v: Any, fmt: str) -> str:
+        return "–" if v is None else format(v, fmt)
+
+    for layer, r in summary["layers"].items():
+        lines.append(
+            f"{layer:>5} {r['items']:>7} {r['passed']:>7} {r['failed']:>7} "
+            f"{num(r['worst_ratio'], '.3g'):>12} {num(r['median_abs_r'], '.3g'):>11} "
+            f"{num(r['max_closure_error'], '.2g'):>16} {num(r['delta_q'], '.3f'):>10} "
+            f"{num(r['delta_k'], '.3f'):>10}"
+        )
+    t = summary["totals"]
+    lines.append(f"total {t['items']} items: {t['passed']} passed, {t['failed']} failed")
+    return lines
+
+
+def write_json(data: Any, path: Path) -> Path:
+    """Write ``data`` as JSON to ``path`` atomically (temporary file, then rename)."""
+    return write_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def write_atomic(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
