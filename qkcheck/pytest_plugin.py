@@ -336,7 +336,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
         tr.write_line(line)
     if summary["figures"]["left_out"]:
         tr.write_line(
-            f"{summary['figures']['left_out']} failing item(s) got no figure (--max-plots "
+            f"{summary['figures']['left_out']} item(s) due a figure got none (--max-plots "
             f"{state.settings.max_plots}); draw one with -k <id> --plots all"
         )
     tr.write_line(f"figures: {len(summary['figures']['paths'])} in {artifacts}")

@@ -23,7 +23,7 @@ BASELINES = Path(__file__).parent / "baselines"
 
 def test_weight_delta_is_within_budget(qk, qk_module, qk_settings, record_property):
     fraction = qk.delta_fractions()[qk_module]
-    layer = next(l for l, sp in qk.specs.items() if qk_module in (sp.q_path, sp.k_path))
+    layer = next(i for i, sp in qk.specs.items() if qk_module in (sp.q_path, sp.k_path))
     side = "delta_q" if qk.specs[layer].q_path == qk_module else "delta_k"
     record_property(LAYER_KEY, {"layer": layer, side: fraction})
     assert fraction <= qk_settings.delta_budget, (
