@@ -115,10 +115,12 @@ class _State:
     validator, and the results items report (from this process or from xdist workers)."""
 
     def __init__(self, config: pytest.Config) -> None:
-        from qkcheck.settings import parse_settings
-
         self.config = config
-        self.settings = parse_settings(config.getoption) if config.getoption("qk_run_id") else None
+        self.settings = None
+        if config.getoption("qk_run_id"):
+            from qkcheck.settings import parse_settings  # imports torch: only when needed
+
+            self.settings = parse_settings(config.getoption)
         self._validator = None
         self.items: list[dict[str, Any]] = []
         self.layers: dict[int, dict[str, Any]] = {}
