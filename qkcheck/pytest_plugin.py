@@ -29,7 +29,15 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g = parser.getgroup(GROUP, "qkcheck: validate an SPD run's attention decomposition")
 
     def add(name: str, dest: str, default: Any, help: str, **kw: Any) -> None:
-        g.addoption(name, dest=dest, default=default, help=f"{help} (default: {default})", **kw)
+        metavar = name.removeprefix("--").removeprefix("qk-").upper().replace("-", "_")
+        g.addoption(
+            name,
+            dest=dest,
+            default=default,
+            metavar=metavar,
+            help=f"{help} (default: {default})",
+            **kw,
+        )
 
     add(
         "--run-id",
