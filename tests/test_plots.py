@@ -1,0 +1,107 @@
+"""Figures: any head count, atomic files, and data that matches a brute-force computation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from qkcheck.figures import item_plot_data, write_item_figures
+from qkcheck.pairs import dense_contributions, weighted_factors
+from qkcheck.plots import ItemPlotData, combined_figure, save_figure, validation_figure
+from qkcheck.settings import Settings
+from qkcheck.validate import Validator
+
+
+def synthetic(n_head: int, n_keys: int = 12, mode: str = "weighted") -> ItemPlotData:
+    rng = np.random.default_rng(0)
+    pairs = [(c, d) for c in range(3) for d in range(2)]
+    curves = {p: rng.normal(size=(n_head, n_keys)) for p in pairs}
+    total = sum(curves.values())
+    return ItemPlotData(
+        run="r",
+        layer=1,
+        sample=2,
+        query_pos=n_keys - 1,
+        mode=mode,
+        tokens=[f"tok{i}" for i in range(n_keys)],
+        pair_curves=curves,
+        head_top=[pairs[h % 3 : h % 3 + 3] for h in range(n_head)],
+        mean_top=pairs[:4],
+        band_low=-np.ones((n_head, n_keys)),
+        band_high=np.ones((n_head, n_keys)),
+        mean_band_low=-np.ones(n_keys),
+        mean_band_high=np.ones(n_keys),
+        total=total,
+        target=None if mode == "binary" else total + 0.1,
+    )
+
+
+@pytest.mark.parametrize("n_head", [1, 3, 6, 12])
+def test_the_combined_figure_has_a_mean_a_legend_and_one_panel_per_head(n_head, tmp_path):
+    fig = combined_figure(synthetic(n_head))
+    titled = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert titled == ["mean over heads", *(f"head {h}" for h in range(n_head))]
+    path = save_figure(fig, tmp_path / "c.png")
+    assert path.read_bytes()[:4] == b"\x89PNG"
+    assert [p.name for p in tmp_path.iterdir()] == ["c.png"]
+    assert fig.axes == []  # released after saving
+
+
+def test_binary_figures_draw_no_target_line(tmp_path):
+    fig = combined_figure(synthetic(2, mode="binary"))
+    styles = {line.get_linestyle() for ax in fig.axes for line in ax.get_lines()}
+    assert "--" not in styles
+    assert "binary" in fig._suptitle.get_text()
+
+
+def test_the_validation_figure_titles_each_head_with_its_max_residual():
+    data = synthetic(2)
+    S = np.zeros((2, 12))
+    T = np.zeros((2, 12))
+    T[1, 5] = 0.75
+    fig = validation_figure(data, S, T)
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert titles == ["head 0: max |r| = 0", "head 1: max |r| = 0.75"]
+
+
+@pytest.fixture(scope="module")
+def validator(genuine_run, genuine_tokens):
+    return Validator(genuine_run, genuine_tokens, list(range(8)), Settings(run_id="x", top_n=5))
+
+
+def test_plot_data_equals_a_brute_force_ranking_of_every_pair(validator):
+    layer, sample, i = 1, 3, 40
+    data = item_plot_data(validator, layer, sample, i)
+    cap, row = validator.capture(sample)
+    x = cap.attn_inputs[layer][row]
+    w, lay = validator.weights(layer), validator.layout(layer)
+    dense = dense_contributions(
+        weighted_factors(x[i], x[: i + 1], w.V_Q, w.U_Q, w.V_K, w.U_K, lay, i)
+    )
+    for h in range(dense.shape[0]):
+        peaks = dense[h].abs().amax(dim=-1).flatten()
+        want = [divmod(int(k), dense.shape[2]) for k in peaks.argsort(descending=True)[:5]]
+        assert data.head_top[h] == want
+    for (c, d), curve in data.pair_curves.items():
+        np.testing.assert_allclose(curve, dense[:, c, d].double().numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(data.total, dense.sum(dim=(1, 2)).double().numpy(), atol=1e-4)
+    np.testing.assert_allclose(data.target, cap.logits[layer][row, :, i, : i + 1].double().numpy())
+
+
+def test_item_figures_are_written_under_names_carrying_run_layer_sample_and_query(
+    validator, tmp_path
+):
+    paths = write_item_figures(validator, 0, 2, 63, tmp_path)
+    assert [p.name for p in paths] == [
+        "s-5eed0002_L0_S2_Q63_combined.png",
+        "s-5eed0002_L0_S2_Q63_validation.png",
+    ]
+
+
+def test_binary_mode_figures_use_the_runs_ci(genuine_run, genuine_tokens, tmp_path):
+    v = Validator(genuine_run, genuine_tokens, [0], Settings(run_id="x", mode="binary"))
+    data = item_plot_data(v, 0, 0, 20)
+    assert data.target is None
+    ci = genuine_run.causal_importances(genuine_tokens[:1], paths=["h.0.attn.q_proj"])
+    live = set((ci["h.0.attn.q_proj"][0, 20] > 0.1).nonzero().flatten().tolist())
+    assert {c for c, _ in data.mean_top if np.abs(data.pair_curves[(c, _)]).max() > 0} <= live
