@@ -18,10 +18,11 @@ import pytest
 from qkcheck.errors import QKCheckError
 
 GROUP = "qkcheck"
-ITEM_KEY = "qkcheck-item"
-LAYER_KEY = "qkcheck-layer"
-FIGURE_KEY = "qkcheck-figure"
-LEFT_OUT_KEY = "qkcheck-plot-left-out"
+#: what an item records for the session summary: {"item": {...}, "layer": {...},
+#: "figures": [paths], "left_out": n}; copied onto its report as ``report.qkcheck`` so it
+#: reaches the xdist controller (extra report attributes are serialized), and kept out of
+#: the JUnit XML (user_properties would go there, and warn under xunit2)
+_RECORD = pytest.StashKey[dict]()
 _STATE = pytest.StashKey["_State"]()
 
 
@@ -146,15 +147,15 @@ class _State:
         return self.settings.artifacts_for(self.validator.run.name)
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        for key, value in report.user_properties:
-            if key == ITEM_KEY and report.when == "call":
-                self.items.append(value)
-            elif key == LAYER_KEY and report.when == "call":
-                self.layers.setdefault(value["layer"], {}).update(value)
-            elif key == FIGURE_KEY and report.when == "call":
-                self.figures.append(value)
-            elif key == LEFT_OUT_KEY and report.when == "call":
-                self.plots_left_out += value
+        data = getattr(report, "qkcheck", None)
+        if not data or report.when != "call":
+            return
+        if "item" in data:
+            self.items.append(data["item"])
+        if "layer" in data:
+            self.layers.setdefault(data["layer"]["layer"], {}).update(data["layer"])
+        self.figures.extend(data.get("figures", []))
+        self.plots_left_out += data.get("left_out", 0)
 
 
 def build_validator(settings):
@@ -254,7 +255,19 @@ def qk(request: pytest.FixtureRequest):
 
 @pytest.fixture(scope="session")
 def qk_settings(request: pytest.FixtureRequest):
+    """The session's :class:`~qkcheck.settings.Settings`."""
     return _state(request.config).settings
+
+
+@pytest.fixture
+def qk_record(request: pytest.FixtureRequest):
+    """``qk_record(kind, data)``: record an item's (``"item"``) or a layer's (``"layer"``)
+    results for the end-of-session summary."""
+
+    def record(kind: str, data: dict[str, Any]) -> None:
+        request.node.stash.setdefault(_RECORD, {})[kind] = data
+
+    return record
 
 
 # --- artifacts: figures for failed (or all) items -------------------------------------------
@@ -271,15 +284,19 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
         if s is not None and (s.plots == "all" or (s.plots == "failed" and failed)):
             paths = _plot_item(state, item, callspec.params["qk_item"])
     outcome = yield
+    report = outcome.get_result()
+    if call.when == "call" and _RECORD in item.stash:
+        report.qkcheck = item.stash[_RECORD]
     if paths:
-        _attach_html(outcome.get_result(), paths)
+        _attach_html(report, paths)
 
 
 def _plot_item(state: _State, item: pytest.Item, key: tuple[int, int, int]) -> list[Path]:
     from qkcheck.figures import write_item_figures
 
+    record = item.stash.setdefault(_RECORD, {})
     if not _claim_plot_slot(state.artifacts, state.settings.max_plots):
-        item.user_properties.append((LEFT_OUT_KEY, 1))
+        record["left_out"] = 1
         return []
     try:
         paths = write_item_figures(state.validator, *key, state.artifacts)
@@ -288,8 +305,7 @@ def _plot_item(state: _State, item: pytest.Item, key: tuple[int, int, int]) -> l
         return []
     text = "\n".join(f"[[ATTACHMENT|{p.resolve()}]]" for p in paths)
     item.add_report_section("call", "stdout", text + "\n")
-    for p in paths:
-        item.user_properties.append((FIGURE_KEY, str(p)))
+    record["figures"] = [str(p) for p in paths]
     return paths
 
 

@@ -10,10 +10,8 @@ A failure reports the worst head and key, r, B, |r|/B and the closure error; fig
 failed items go to the artifacts directory (``--plots``).
 """
 
-from qkcheck.pytest_plugin import ITEM_KEY
 
-
-def test_decomposition_closes_and_stays_within_the_bound(qk, qk_item, record_property):
+def test_decomposition_closes_and_stays_within_the_bound(qk, qk_item, qk_record):
     result = qk.item(*qk_item)
-    record_property(ITEM_KEY, result.as_dict())
+    qk_record("item", result.as_dict())
     assert result.passed, result.explain()

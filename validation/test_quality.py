@@ -16,16 +16,15 @@ import pytest
 from pytest_regressions.common import perform_regression_check
 
 from qkcheck import baseline
-from qkcheck.pytest_plugin import LAYER_KEY
 
 BASELINES = Path(__file__).parent / "baselines"
 
 
-def test_weight_delta_is_within_budget(qk, qk_module, qk_settings, record_property):
+def test_weight_delta_is_within_budget(qk, qk_module, qk_settings, qk_record):
     fraction = qk.delta_fractions()[qk_module]
     layer = next(i for i, sp in qk.specs.items() if qk_module in (sp.q_path, sp.k_path))
     side = "delta_q" if qk.specs[layer].q_path == qk_module else "delta_k"
-    record_property(LAYER_KEY, {"layer": layer, side: fraction})
+    qk_record("layer", {"layer": layer, side: fraction})
     assert fraction <= qk_settings.delta_budget, (
         f"{qk_module}: ‖Δ‖_F/‖W‖_F = {fraction:.3f} exceeds the budget "
         f"{qk_settings.delta_budget} (--delta-budget)"
@@ -33,13 +32,13 @@ def test_weight_delta_is_within_budget(qk, qk_module, qk_settings, record_proper
 
 
 def test_residuals_are_within_budget_and_no_worse_than_the_baseline(
-    qk, qk_layer, qk_settings, record_property, request, datadir, original_datadir
+    qk, qk_layer, qk_settings, qk_record, request, datadir, original_datadir
 ):
     stats = qk.layer_quality(qk_layer)
     sp = qk.specs[qk_layer]
     fractions = qk.delta_fractions()
     stats["delta_q"], stats["delta_k"] = fractions[sp.q_path], fractions[sp.k_path]
-    record_property(LAYER_KEY, {"layer": qk_layer, **stats})
+    qk_record("layer", {"layer": qk_layer, **stats})
     assert stats["r_frac_of_logit_scale"] <= qk_settings.residual_budget, (
         f"layer {qk_layer}: median |r| = {stats['median_abs_r']:.4g} is "
         f"{stats['r_frac_of_logit_scale']:.3f} of the target logits' std, above the budget "
