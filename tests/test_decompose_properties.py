@@ -546,3 +546,25 @@ def test_query_and_key_positions_off_by_one_break_closure(teeth_case):
     bad = torch.stack([c.scale * q[:, :, h] @ k[:, :, h // 2].transpose(1, 2) for h in range(4)], 1)
     err, tol = closure_violations(teeth_case, bad)
     assert err > 1000 * tol
+
+
+# --- the budget bound ------------------------------------------------------------------
+
+
+@given(cases(), st.floats(0.0, 2.0))
+def test_the_budget_bound_grows_with_its_fraction_and_covers_the_measured_delta(case, f):
+    from qkcheck.bounds import head_norms
+    from qkcheck.decompose import budget_bound
+
+    w, lay = case.weights, case.layout
+    dec = decompose_layer(case.x, w, lay)
+    small = budget_bound(case.x, w, lay, f)
+    large = budget_bound(case.x, w, lay, f + 0.5)
+    assert (large >= small * (1 - case.tolerance())).all()
+    # with a fraction at least every head's ‖Δ‖/‖W‖ the budget bound is no tighter
+    ratio_q = head_norms(w.delta_Q, case.n_head) / head_norms(case.W_Q, case.n_head)
+    ratio_k = head_norms(w.delta_K, case.n_kv) / head_norms(case.W_K, case.n_kv)
+    cover = float(torch.cat([ratio_q, ratio_k]).max())
+    covering = budget_bound(case.x, w, lay, cover)
+    slack = case.tolerance() * (dec.weight_bound + dec.magnitude)
+    assert (covering >= dec.weight_bound - slack).all()
