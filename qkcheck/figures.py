@@ -1,8 +1,9 @@
 """Assemble one item's figure data from a :class:`~qkcheck.validate.Validator` and write
 the combined and validation figures (qkcheck.plots) under an artifacts directory.
 
-Only what the figures need is computed: the item's pair factors, an exact chunked top-N
-(never the full pair tensor), and the curves of the selected pairs.
+Only what the figures need is computed: the item's pair factors, an exact top-N that
+skips query components whose bound cannot reach it (never the full pair tensor), and the
+curves of the selected pairs.
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ from qkcheck.plots import (
     validation_figure,
 )
 
+#: pairs drawn faint per coloured pair: the next strongest after the top-N
+FAINT_PER_TOP = 3
+
 
 def item_plot_data(validator, layer: int, sample: int, query_pos: int) -> ItemPlotData:
     """Pair curves, top-N per head and for the head mean, envelope, totals and target."""
@@ -46,10 +50,12 @@ def item_plot_data(validator, layer: int, sample: int, query_pos: int) -> ItemPl
             ci_q = ci[spec.q_path][row].to(dtype=s.torch_dtype, device=s.device)
             ci_k = ci[spec.k_path][row].to(dtype=s.torch_dtype, device=s.device)
             f = binary_factors(ci_q[i], ci_k[: i + 1], w.U_Q, w.U_K, layout, i, s.ci_threshold)
-        top = top_pairs(f, s.top_n, budget_bytes=DEFAULT_BUDGET)
-        head_top = [[tuple(p) for p in top.head_pairs[h].tolist()] for h in range(f.n_head)]
-        mean_top = [tuple(p) for p in top.mean_pairs.tolist()]
-        pairs = list(dict.fromkeys([*mean_top, *(p for t in head_top for p in t)]))
+        n = s.top_n
+        top = top_pairs(f, n * (1 + FAINT_PER_TOP), budget_bytes=DEFAULT_BUDGET)
+        ranked = [[tuple(p) for p in top.head_pairs[h].tolist()] for h in range(f.n_head)]
+        mean_ranked = [tuple(p) for p in top.mean_pairs.tolist()]
+        head_top, mean_top = [r[:n] for r in ranked], mean_ranked[:n]
+        pairs = list(dict.fromkeys([*mean_ranked, *(p for r in ranked for p in r)]))
         curves = pair_curves(f, torch.tensor(pairs, device=f.q.device))  # (head, m, J)
         total = component_sum(f)
     group = validator.group(layer, sample)
@@ -64,10 +70,8 @@ def item_plot_data(validator, layer: int, sample: int, query_pos: int) -> ItemPl
         pair_curves={p: as_numpy(curves[:, m]) for m, p in enumerate(pairs)},
         head_top=head_top,
         mean_top=mean_top,
-        band_low=as_numpy(top.head_low),
-        band_high=as_numpy(top.head_high),
-        mean_band_low=as_numpy(top.mean_low),
-        mean_band_high=as_numpy(top.mean_high),
+        head_faint=[r[n:] for r in ranked],
+        mean_faint=mean_ranked[n:],
         total=as_numpy(total),
         target=as_numpy(group.target[:, i, : i + 1]) if s.mode == "weighted" else None,
     )

@@ -2,9 +2,9 @@
 
 * :func:`combined_figure` — head-mean panel, legend panel, one panel per head. The top-N
   pairs are coloured lines (a pair keeps its colour in every panel and is drawn in a head's
-  panel only where it is among that head's own top-N), the other pairs a faint grey band
-  (their min–max envelope), the sum over all components black, and in weighted mode the
-  target logit red dashed. The x-axis is key positions labelled with their tokens.
+  panel only where it is among that head's own top-N), the next strongest pairs faint grey,
+  the sum over all components black, and in weighted mode the target logit red dashed.
+  The x-axis is key positions labelled with their tokens.
 * :func:`validation_figure` — per head: component sum vs target over key positions, the
   residual as bars on a second axis, max |r| in the title.
 
@@ -34,8 +34,9 @@ class ItemPlotData:
 
     Curves are over key positions ``0..query_pos``. ``pair_curves[(c, d)]`` is
     ``(head, key_pos)``; ``head_top[h]`` the pairs of head h's top-N, ``mean_top`` those of
-    the head mean; ``band_*`` the envelope of all pairs; ``total`` ``(head, key_pos)`` the sum
-    over all components; ``target`` the same for the model's logits (None in binary mode).
+    the head mean; ``head_faint``/``mean_faint`` the next strongest pairs (drawn faint);
+    ``total`` ``(head, key_pos)`` the sum over all components; ``target`` the same for the
+    model's logits (None in binary mode).
     """
 
     run: str
@@ -47,10 +48,8 @@ class ItemPlotData:
     pair_curves: dict[tuple[int, int], np.ndarray]
     head_top: list[list[tuple[int, int]]]
     mean_top: list[tuple[int, int]]
-    band_low: np.ndarray  # (head, key_pos)
-    band_high: np.ndarray
-    mean_band_low: np.ndarray  # (key_pos,)
-    mean_band_high: np.ndarray
+    head_faint: list[list[tuple[int, int]]]
+    mean_faint: list[tuple[int, int]]
     total: np.ndarray
     target: np.ndarray | None
 
@@ -117,8 +116,9 @@ def combined_figure(data: ItemPlotData) -> Figure:
     x = np.arange(J)
     units = "logit" if data.mode == "weighted" else "gated weight-only term"
 
-    def panel(ax, title, curves, low, high, total, target, pairs) -> None:
-        ax.fill_between(x, low, high, color="0.85", lw=0, label="other pairs (range)")
+    def panel(ax, title, curves, faint, total, target, pairs) -> None:
+        for p in faint:
+            ax.plot(x, curves(p), color="0.75", lw=0.6, alpha=0.7)
         for p in pairs:
             ax.plot(x, curves(p), color=color[p], lw=1.3)
         ax.plot(x, total, color="black", lw=1.6)
@@ -133,8 +133,7 @@ def combined_figure(data: ItemPlotData) -> Figure:
         axes[0],
         "mean over heads",
         lambda p: data.pair_curves[p].mean(axis=0),
-        data.mean_band_low,
-        data.mean_band_high,
+        data.mean_faint,
         data.total.mean(axis=0),
         None if target is None else target.mean(axis=0),
         data.mean_top,
@@ -146,8 +145,7 @@ def combined_figure(data: ItemPlotData) -> Figure:
             ax,
             f"head {h}",
             lambda p, h=h: data.pair_curves[p][h],
-            data.band_low[h],
-            data.band_high[h],
+            data.head_faint[h],
             data.total[h],
             None if target is None else target[h],
             data.head_top[h],
@@ -156,12 +154,11 @@ def combined_figure(data: ItemPlotData) -> Figure:
     legend_ax = axes[1]
     legend_ax.axis("off")
     from matplotlib.lines import Line2D
-    from matplotlib.patches import Patch
 
     handles = [Line2D([], [], color=color[p], lw=2, label=_pair_label(p)) for p in all_pairs]
     handles += [
         Line2D([], [], color="black", lw=2, label="sum over all components"),
-        Patch(color="0.85", label="other pairs (min–max)"),
+        Line2D([], [], color="0.75", lw=1, label=f"next {len(data.mean_faint)} pairs"),
     ]
     if target is not None:
         handles.append(Line2D([], [], color="red", ls="--", lw=2, label="target logit"))

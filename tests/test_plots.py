@@ -27,10 +27,8 @@ def synthetic(n_head: int, n_keys: int = 12, mode: str = "weighted") -> ItemPlot
         pair_curves=curves,
         head_top=[pairs[h % 3 : h % 3 + 3] for h in range(n_head)],
         mean_top=pairs[:4],
-        band_low=-np.ones((n_head, n_keys)),
-        band_high=np.ones((n_head, n_keys)),
-        mean_band_low=-np.ones(n_keys),
-        mean_band_high=np.ones(n_keys),
+        head_faint=[pairs[-2:]] * n_head,
+        mean_faint=pairs[-2:],
         total=total,
         target=None if mode == "binary" else total + 0.1,
     )
