@@ -1,9 +1,8 @@
 """Assemble one item's figure data from a :class:`~qkcheck.validate.Validator` and write
 the combined and validation figures (qkcheck.plots) under an artifacts directory.
 
-Only what the figures need is computed: the item's pair factors, an exact top-N that
-skips query components whose bound cannot reach it (never the full pair tensor), and the
-curves of the selected pairs.
+Only what the figures need is computed: the item's pair factors, an exact chunked top-N
+(never the full pair tensor), and the curves of the selected pairs.
 """
 
 from __future__ import annotations

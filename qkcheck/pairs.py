@@ -113,19 +113,21 @@ def binary_factors(
 
 
 def _contract(f: ItemFactors, q: Tensor) -> Tensor:
-    """``scale · <q[h,c], k[g(h),d,j]>`` for a slice ``q`` ``(head, c, d)``.
-
-    Returns ``(head, c, C_k, key_pos)``."""
-    H, cc, dh = q.shape
+    """``scale · <q[h,c], k[g(h),d,j]>`` for a slice ``q`` ``(head, c, d)``, laid out as
+    ``(kv_head, C_k, key_pos, group, c)`` with head ``h = kv_head·group + g`` — the order a
+    single batched product writes without copying the (large) key factor."""
+    _, cc, dh = q.shape
     KV, Ck, J, _ = f.k.shape
-    qg = q.reshape(KV, f.group * cc, dh)
-    out = qg @ f.k.reshape(KV, Ck * J, dh).transpose(1, 2)
-    return f.scale * out.reshape(H, cc, Ck, J)
+    qg = q.reshape(KV, f.group * cc, dh).transpose(1, 2)  # (KV, d, group·c): small
+    out = f.k.reshape(KV, Ck * J, dh) @ qg  # (KV, Ck·J, group·c)
+    return out.mul_(f.scale).reshape(KV, Ck, J, f.group, cc)
 
 
 def dense_contributions(f: ItemFactors) -> Tensor:
     """The full ``(head, C_q, C_k, key_pos)`` pair tensor — for small cases and references."""
-    return _contract(f, f.q)
+    _, Ck, J, _ = f.k.shape
+    raw = _contract(f, f.q)  # (KV, Ck, J, group, C_q)
+    return raw.permute(0, 3, 4, 1, 2).reshape(f.n_head, f.q.shape[1], Ck, J)
 
 
 def component_sum(f: ItemFactors) -> Tensor:
@@ -151,98 +153,55 @@ class TopPairs:
 
     ``head_pairs``: ``(head, n, 2)`` (q-component, k-component), strongest first;
     ``head_peaks``: ``(head, n)``; ``mean_pairs``/``mean_peaks``: the same for the head
-    mean ``(1/H) Σ_h P[h]``. ``rows_evaluated`` of ``rows_total`` query-component rows
-    (per head, plus one per component for the mean) had their contributions computed;
-    the rest were ruled out by their bound.
+    mean ``(1/H) Σ_h P[h]``. ``chunk``: query components per chunk used.
     """
 
     head_pairs: Tensor
     head_peaks: Tensor
     mean_pairs: Tensor
     mean_peaks: Tensor
-    rows_evaluated: int
-    rows_total: int
+    chunk: int
 
 
 def chunk_size(f: ItemFactors, budget_bytes: int) -> int:
-    """Query-component rows per batch so that a batch's working set fits the budget.
+    """Query components per chunk so that the chunk's working set fits the budget.
 
-    A batch of the head-mean pass holds the contributions ``(head, rows, C_k, J)``, their
-    mean and its absolute value: about ``(H + 2) · rows · C_k · J`` elements (the per-head
-    pass needs less).
+    A chunk holds the contributions ``(head, chunk, C_k, J)`` and their head mean (the
+    absolute values are taken in place): about ``(H + 1) · chunk · C_k · J`` elements.
     """
     H, Cq, Ck, J = f.shape
-    per_row = (H + 2) * Ck * J * f.q.element_size()
-    return max(1, min(Cq, budget_bytes // max(per_row, 1)))
-
-
-def _best(bounds: Tensor, exact_peaks, n: int, n_k: int, step: int) -> tuple[Tensor, Tensor, int]:
-    """Exact top-``n`` of all ``(row, d)`` pairs by peak, visiting rows by descending bound.
-
-    ``bounds[row]`` must bound every peak in that row; ``exact_peaks(rows) -> (rows, C_k)``.
-    Rows are evaluated in batches of ``step`` until the next row's bound falls below the
-    n-th best peak found: no pair in it or after it can enter the top-n.
-    Returns ``(peaks, flat indices row·C_k + d, rows evaluated)``.
-    """
-    order = bounds.argsort(descending=True)
-    best_v = bounds.new_empty(0)
-    best_i = torch.empty(0, dtype=torch.long, device=bounds.device)
-    done = 0
-    ks = torch.arange(n_k, device=bounds.device)
-    for start in range(0, order.numel(), step):
-        rows = order[start : start + step]
-        if best_v.numel() >= n and bounds[rows[0]] < best_v[-1]:
-            break
-        peaks = exact_peaks(rows)  # (len(rows), C_k)
-        done += rows.numel()
-        cand_v = torch.cat((best_v, peaks.flatten()))
-        cand_i = torch.cat((best_i, (rows[:, None] * n_k + ks).flatten()))
-        best_v, pos = cand_v.topk(min(n, cand_v.numel()))
-        best_i = cand_i[pos]
-    return best_v, best_i, done
+    per_component = (H + 1) * Ck * J * f.q.element_size()
+    return max(1, min(Cq, budget_bytes // max(per_component, 1)))
 
 
 def top_pairs(f: ItemFactors, n: int, budget_bytes: int = DEFAULT_BUDGET) -> TopPairs:
     """Exact top-``n`` pairs per head and for the head mean, in bounded memory.
 
     Equals ranking the dense tensor (:func:`dense_contributions`) by
-    ``amax(|P|, key_pos)``. By Cauchy–Schwarz every pair of query row ``(h, c)`` has
-    ``|P| ≤ |s|·|q[h,c]|·max_{d,j}|k[g(h),d,j]|`` (and the head mean the mean of these), so
-    rows are computed strongest-bound first and the walk stops once no remaining row can
-    reach the top-n. Sparse activations — the SPD case — rule out most rows.
+    ``amax(|P|, key_pos)``; walks the query components in chunks and keeps only each
+    pair's peak, ``(head, C_q, C_k)``.
     """
-    H, Cq, Ck, J = f.shape
+    H, Cq, Ck, _ = f.shape
     step = chunk_size(f, budget_bytes)
-    s = abs(f.scale)
+    opts = {"dtype": f.q.dtype, "device": f.q.device}
+    head_peak = torch.empty(H, Cq, Ck, **opts)
+    mean_peak = torch.empty(Cq, Ck, **opts)
+    for c0 in range(0, Cq, step):
+        raw = _contract(f, f.q[:, c0 : c0 + step])  # (KV, Ck, J, G, cc)
+        cc = raw.shape[-1]
+        mean_peak[c0 : c0 + cc] = raw.mean(dim=(0, 3)).abs_().amax(dim=1).T
+        peaks = raw.abs_().amax(dim=2)  # (KV, Ck, G, cc)
+        head_peak[:, c0 : c0 + cc] = peaks.permute(0, 2, 3, 1).reshape(H, cc, Ck)
+        del raw, peaks
     n = min(n, Cq * Ck)
-    k_max = f.k.norm(dim=-1).amax(dim=(1, 2))  # (KV,) largest key vector per key head
-    key_of = torch.arange(H, device=f.q.device) // f.group
-    row_bound = s * f.q.norm(dim=-1) * k_max[key_of][:, None]  # (H, Cq)
-    k_flat = f.k.reshape(f.k.shape[0], Ck * J, -1)
-
-    head_pairs, head_peaks, evaluated = [], [], 0
-    for h in range(H):
-        kh = k_flat[key_of[h]].T  # (d, Ck·J)
-
-        def head_row_peaks(rows: Tensor, h: int = h, kh: Tensor = kh) -> Tensor:
-            return (f.q[h, rows] @ kh).reshape(-1, Ck, J).abs_().amax(dim=-1) * s
-
-        v, i, done = _best(row_bound[h], head_row_peaks, n, Ck, step)
-        head_pairs.append(_unravel(i, Ck))
-        head_peaks.append(v)
-        evaluated += done
-
-    def mean_row_peaks(rows: Tensor) -> Tensor:
-        return _contract(f, f.q[:, rows]).mean(dim=0).abs_().amax(dim=-1)
-
-    mv, mi, done = _best(row_bound.mean(dim=0), mean_row_peaks, n, Ck, step)
+    hp, hi = head_peak.reshape(H, -1).topk(n, dim=-1)
+    mp, mi = mean_peak.reshape(-1).topk(n)
     return TopPairs(
-        head_pairs=torch.stack(head_pairs),
-        head_peaks=torch.stack(head_peaks),
+        head_pairs=_unravel(hi, Ck),
+        head_peaks=hp,
         mean_pairs=_unravel(mi, Ck),
-        mean_peaks=mv,
-        rows_evaluated=evaluated + done,
-        rows_total=(H + 1) * Cq,
+        mean_peaks=mp,
+        chunk=step,
     )
 
 
