@@ -58,14 +58,13 @@ def item_plot_data(validator, layer: int, sample: int, query_pos: int) -> ItemPl
         curves = pair_curves(f, torch.tensor(pairs, device=f.q.device))  # (head, m, J)
         total = component_sum(f)
     group = validator.group(layer, sample)
-    ids = validator.tokens[validator._row[sample]].tolist()
     return ItemPlotData(
         run=validator.run.name,
         layer=layer,
         sample=sample,
         query_pos=i,
         mode=s.mode,
-        tokens=validator.run.token_labels(ids),
+        tokens=validator.run.token_labels(validator.token_ids(sample)),
         pair_curves={p: as_numpy(curves[:, m]) for m, p in enumerate(pairs)},
         head_top=head_top,
         mean_top=mean_top,

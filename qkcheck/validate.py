@@ -245,6 +245,10 @@ class Validator:
                 out[path] = float(delta.double().norm() / W.norm().clamp_min(1e-300))
         return out
 
+    def token_ids(self, sample: int) -> list[int]:
+        """Token ids of a selected sample (by its index in the source)."""
+        return self.tokens[self._row[sample]].tolist()
+
     # --- forward passes ------------------------------------------------------------------
 
     def capture(self, sample: int) -> tuple[Capture, int]:
