@@ -197,7 +197,9 @@ def validation_figure(data: ItemPlotData, component_sum: np.ndarray, target: np.
     for h in range(H):
         ax = axes[h]
         twin = ax.twinx()
-        twin.bar(x, resid[h], color="tab:orange", alpha=0.45, width=0.8)
+        # one filled step artist for all keys: bar() makes a patch per key (~1 s at 512 keys)
+        edges = np.arange(J + 1) - 0.5
+        twin.stairs(resid[h], edges, baseline=0, fill=True, color="tab:orange", alpha=0.45)
         lim = max(float(np.abs(resid[h]).max()), 1e-12) * 1.1
         twin.set_ylim(-lim, lim)
         twin.set_ylabel("residual r", fontsize=8, color="tab:orange")
