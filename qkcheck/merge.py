@@ -1,0 +1,181 @@
+"""Merge the ``summary.json`` of several shards of one validation into one summary.
+
+    python -m qkcheck.merge SHARD.json [SHARD.json ...] -o OUT.json
+
+Shard a run by layer: one CI job per ``--layers`` selection, every job with the same
+``--run-id``, ``--samples``/``--samples-file``, ``--query-pos`` and options. Each job's
+summary then holds whole layers, and the merged summary equals a single-machine run's
+(:mod:`qkcheck.report` schema) apart from ``settings`` and figure paths.
+
+The rule behind that: a layer's item counts, worst ``|r|/B`` and closure error combine
+across shards (sums and maxima), but its ``median_abs_r``, ``p99_abs_r`` and
+``r_frac_of_logit_scale`` do not — a median of a union is not a function of the parts'
+medians. They are kept only where exactly one shard reports them, or all that do agree
+(the quality test of a layer computes them over every selected sample, wherever its items
+ran). Shards that split a layer's samples (``--samples 0-9`` / ``10-19``) report different
+medians for it, and merging them raises :class:`MergeError` rather than inventing one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from qkcheck.errors import QKCheckError
+
+#: settings that may differ between shards of one validation
+SHARD_SETTINGS = ("layers", "artifacts_dir")
+#: per-layer statistics that cannot be combined, only carried over
+WHOLE_LAYER_STATS = ("median_abs_r", "p99_abs_r", "r_frac_of_logit_scale", "delta_q", "delta_k")
+
+
+class MergeError(QKCheckError):
+    """Shard summaries that do not belong to one validation, or cannot be combined."""
+
+
+def merge_summaries(
+    summaries: Sequence[Mapping[str, Any]], names: Sequence[str] | None = None
+) -> dict[str, Any]:
+    """One summary from the shards' summaries (``names``, e.g. file paths, for messages).
+
+    ``settings`` of the result: the shards' common settings; a setting in
+    :data:`SHARD_SETTINGS` that differs becomes the list of the shards' values.
+    """
+    if not summaries:
+        raise MergeError("no shard summaries to merge")
+    names = list(names) if names is not None else [f"shard {i}" for i in range(len(summaries))]
+    for s, name in zip(summaries, names, strict=True):
+        missing = {"run", "settings", "totals", "layers", "figures"} - set(s)
+        if missing:
+            raise MergeError(f"{name}: not a qkcheck summary (no {', '.join(sorted(missing))})")
+    runs = {s["run"] for s in summaries}
+    if len(runs) > 1:
+        raise MergeError(f"shards validate different runs: {_by_shard(summaries, names, 'run')}")
+    settings = _merge_settings(summaries, names)
+
+    layers: dict[str, dict[str, Any]] = {}
+    origin: dict[tuple[str, str], str] = {}
+    for s, name in zip(summaries, names, strict=True):
+        for layer, row in s["layers"].items():
+            if layer not in layers:
+                layers[layer] = dict(row)
+                origin.update(
+                    {(layer, k): name for k in WHOLE_LAYER_STATS if row.get(k) is not None}
+                )
+                continue
+            layers[layer] = _merge_layer(layers[layer], row, layer, name, origin)
+
+    rows = layers.values()
+    return {
+        "run": summaries[0]["run"],
+        "settings": settings,
+        "totals": {
+            "items": sum(r["items"] for r in rows),
+            "passed": sum(r["passed"] for r in rows),
+            "failed": sum(r["failed"] for r in rows),
+        },
+        "layers": {k: layers[k] for k in sorted(layers, key=int)},
+        "figures": {
+            "paths": sorted({p for s in summaries for p in s["figures"]["paths"]}),
+            "left_out": sum(s["figures"]["left_out"] for s in summaries),
+        },
+    }
+
+
+def _by_shard(summaries: Iterable[Mapping[str, Any]], names: Sequence[str], key: str) -> str:
+    return "; ".join(f"{n}: {s[key]!r}" for s, n in zip(summaries, names, strict=True))
+
+
+def _merge_settings(summaries: Sequence[Mapping[str, Any]], names: Sequence[str]) -> dict:
+    keys = sorted({k for s in summaries for k in s["settings"]})
+    merged: dict[str, Any] = {}
+    for key in keys:
+        values = [s["settings"].get(key) for s in summaries]
+        if all(v == values[0] for v in values):
+            merged[key] = values[0]
+        elif key in SHARD_SETTINGS:
+            merged[key] = values
+        else:
+            shown = "; ".join(f"{n}: {v!r}" for n, v in zip(names, values, strict=True))
+            raise MergeError(
+                f"shards differ in setting {key!r} ({shown}); shards of one validation may "
+                f"differ only in {', '.join(SHARD_SETTINGS)}"
+            )
+    return merged
+
+
+def _merge_layer(
+    a: dict[str, Any],
+    b: Mapping[str, Any],
+    layer: str,
+    name: str,
+    origin: dict[tuple[str, str], str],
+) -> dict[str, Any]:
+    """Layer ``layer`` reported by several shards: counts add, maxima combine, whole-layer
+    statistics must come from one shard or agree."""
+    out = dict(a)
+    for key in ("items", "passed", "failed"):
+        out[key] = a[key] + b[key]
+    if b["worst_ratio"] is not None and (
+        a["worst_ratio"] is None or b["worst_ratio"] > a["worst_ratio"]
+    ):
+        out["worst_ratio"], out["worst_item"] = b["worst_ratio"], b["worst_item"]
+    errors = [e for e in (a["max_closure_error"], b["max_closure_error"]) if e is not None]
+    out["max_closure_error"] = max(errors) if errors else None
+    for key in WHOLE_LAYER_STATS:
+        mine, theirs = a.get(key), b.get(key)
+        if theirs is None:
+            continue
+        if mine is None:
+            out[key] = theirs
+            origin[(layer, key)] = name
+        elif mine != theirs:
+            raise MergeError(
+                f"layer {layer}: {key} is {mine!r} in {origin[(layer, key)]} but {theirs!r} in "
+                f"{name}: the shards validated different samples of this layer, and a median or "
+                "percentile of the whole cannot be computed from the parts' summaries. Shard by "
+                "--layers (one job per layer set, each with every sample)"
+            )
+    return out
+
+
+def read_summary(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except OSError as e:
+        raise MergeError(f"{path}: cannot read shard summary: {e.strerror}") from e
+    except json.JSONDecodeError as e:
+        raise MergeError(f"{path}: not JSON (line {e.lineno}: {e.msg})") from e
+    if not isinstance(data, dict):
+        raise MergeError(f"{path}: expected a summary object, got {type(data).__name__}")
+    return data
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from qkcheck.report import format_table, write_json
+
+    p = argparse.ArgumentParser(
+        prog="python -m qkcheck.merge",
+        description="Merge per-shard summary.json files of one validation into one summary.",
+    )
+    p.add_argument("shards", nargs="+", type=Path, help="summary.json of each shard")
+    p.add_argument("-o", "--output", type=Path, required=True, help="merged summary.json")
+    a = p.parse_args(argv)
+    try:
+        merged = merge_summaries([read_summary(s) for s in a.shards], [str(s) for s in a.shards])
+    except MergeError as e:
+        print(f"qkcheck.merge: {e}", file=sys.stderr)
+        return 2
+    write_json(merged, a.output)
+    for line in format_table(merged):
+        print(line)
+    print(f"merged {len(a.shards)} shard(s) into {a.output}")
+    return 1 if merged["totals"]["failed"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
