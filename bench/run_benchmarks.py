@@ -1,0 +1,459 @@
+"""qkcheck at the reference run's scale, side by side with its floors, in one run.
+
+    python bench/run_benchmarks.py            # ~10-15 min on 2 idle cores
+
+Builds ``bench/out/ref`` (bench/make_reference_run.py) unless present, then measures:
+
+(a) ``pytest validation/ --run-id bench/out/ref --samples 20 --plots none``: 4 layers × 20
+    samples × 512 query positions = 40,960 items (+ 12 run-level quality items), serial;
+(b) the floor: a generated suite with the same test names, ids and item count whose tests
+    ``assert True`` (``bench/out/floor/``), in the same interpreter, config and plugins;
+(c) figures (combined + validation) of 80 items (every layer × 20 samples, last query
+    position) through qkcheck (bench/figure_items.py --method qkcheck), against
+(d) the reference script's dense method (--method dense), top-N lists checked identical;
+(e) (a) with ``-n 2 --dist loadgroup`` (pytest-xdist).
+
+(a), (b) and (e) alternate in rounds (a b e, a b e, …) so that a busy machine slows them
+alike; the report takes medians over rounds. Every command runs in its own process: wall
+time, CPU time and peak RSS (``wait4``) of the process, the peak of the summed RSS of its
+process tree (sampled every 0.2 s, which is what counts under xdist), and, through
+bench/pytest_timing.py, the split into startup / collection / test loop / summary.
+
+Writes ``bench/out/results.json`` and ``bench/out/results.md`` (the table in
+docs/benchmarks.md). ``--repeats``, ``--xdist-repeats`` and ``--figure-items`` trade
+precision for time; the defaults fit 15 minutes on 2 idle cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+OUT = BENCH / "out"
+
+TARGETS = {
+    "suite_over_floor": 1.5,  # (a)/(b) wall, at most
+    "collection_s": 15.0,  # collecting 40,960 items, at most
+    "figures_speedup": 10.0,  # (d)/(c) wall, at least
+    "figures_memory": 0.1,  # (c)/(d) peak memory, at most
+    "xdist_speedup": 1.6,  # (a)/(e) wall, at least
+}
+
+
+# --- measuring one command ---------------------------------------------------------------------
+
+
+@dataclass
+class Measurement:
+    name: str
+    cmd: list[str]
+    wall_s: float = 0.0
+    cpu_s: float = 0.0  # user + sys of the process and its waited-for children
+    maxrss: int = 0  # bytes, the largest single process (wait4)
+    tree_rss: int = 0  # bytes, peak of the summed RSS of the process tree (sampled)
+    rc: int = 0
+    timing: dict = field(default_factory=dict)  # bench/pytest_timing.py
+    log: str = ""
+
+
+def _children_of() -> dict[int, list[int]]:
+    kids: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        kids.setdefault(ppid, []).append(int(entry))
+    return kids
+
+
+def _tree_rss(pid: int) -> int:
+    kids, total, todo = _children_of(), 0, [pid]
+    while todo:
+        p = todo.pop()
+        todo.extend(kids.get(p, []))
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+        except OSError:
+            pass
+    return total
+
+
+def measure(
+    name: str, cmd: list[str], env: dict | None = None, timing: bool = False
+) -> Measurement:
+    """Run ``cmd`` from the repository root; wall, CPU, RSS; its output goes to a log file."""
+    m = Measurement(name, cmd)
+    logs = OUT / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    log = logs / f"{name}.log"
+    timing_file = logs / f"{name}.timing.json"
+    timing_file.unlink(missing_ok=True)
+    full_env = {**os.environ, **(env or {})}
+    if timing:
+        full_env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(BENCH), full_env.get("PYTHONPATH")) if p
+        )
+        full_env["BENCH_TIMING_OUT"] = str(timing_file)
+    with open(log, "w") as fh:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=fh, stderr=subprocess.STDOUT)
+        peak = [0]
+        done = threading.Event()
+
+        def poll() -> None:
+            while not done.wait(0.2):
+                peak[0] = max(peak[0], _tree_rss(proc.pid))
+
+        poller = threading.Thread(target=poll, daemon=True)
+        poller.start()
+        _, status, usage = os.wait4(proc.pid, 0)
+        m.wall_s = time.perf_counter() - t0
+        done.set()
+        poller.join()
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    m.rc = proc.returncode
+    m.cpu_s = usage.ru_utime + usage.ru_stime
+    m.maxrss = usage.ru_maxrss * 1024
+    m.tree_rss = max(peak[0], m.maxrss)
+    m.log = str(log.relative_to(ROOT))
+    if timing and timing_file.is_file():
+        m.timing = json.loads(timing_file.read_text())
+    status_word = "ok" if m.rc == 0 else f"EXIT {m.rc}"
+    print(
+        f"  {name:<18} {m.wall_s:7.1f} s wall {m.cpu_s:7.1f} s cpu "
+        f"{m.tree_rss / 2**20:7.0f} MiB peak  {status_word}",
+        flush=True,
+    )
+    return m
+
+
+# --- the suites --------------------------------------------------------------------------------
+
+
+def suite_command(run_dir: Path, samples: int, extra: list[str], artifacts: Path) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "pytest",
+        "validation/",
+        "--run-id",
+        str(run_dir),
+        "--samples",
+        str(samples),
+        "--plots",
+        "none",
+        "-q",
+        "-p",
+        "pytest_timing",
+        "--artifacts-dir",
+        str(artifacts),
+        *extra,
+    ]
+
+
+FLOOR_ITEMS = '''"""Floor for the benchmark: the validation suite's items, each asserting True."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+IDS = json.loads((Path(__file__).parent / "ids.json").read_text())
+
+
+@pytest.mark.parametrize("item", IDS["items"], ids=IDS["items"])
+def test_decomposition_closes_and_stays_within_the_bound(item):
+    assert True
+'''
+
+FLOOR_QUALITY = '''"""Floor for the benchmark: the run-level quality items, each asserting True."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+IDS = json.loads((Path(__file__).parent / "ids.json").read_text())
+
+
+@pytest.mark.parametrize("module", IDS["modules"], ids=IDS["modules"])
+def test_weight_delta_is_within_budget(module):
+    assert True
+
+
+@pytest.mark.parametrize("layer", IDS["layers"], ids=IDS["layers"])
+def test_residuals_are_within_budget_and_no_worse_than_the_baseline(layer):
+    assert True
+'''
+
+
+def collect_ids(run_dir: Path, samples: int) -> tuple[dict[str, list[str]], Measurement]:
+    """The validation suite's test ids, from ``--collect-only -q`` (also timed)."""
+    cmd = suite_command(run_dir, samples, ["--collect-only"], OUT / "artifacts" / "collect")
+    m = measure("collect-only", cmd, timing=True)
+    ids: dict[str, list[str]] = {"items": [], "modules": [], "layers": []}
+    for line in (ROOT / m.log).read_text().splitlines():
+        if "::" not in line or "[" not in line:
+            continue
+        func, param = line.split("::", 1)[1].split("[", 1)
+        param = param.rstrip("]")
+        if func.startswith("test_decomposition"):
+            ids["items"].append(param)
+        elif func.startswith("test_weight_delta"):
+            ids["modules"].append(param)
+        elif func.startswith("test_residuals"):
+            ids["layers"].append(param)
+    return ids, m
+
+
+def write_floor(ids: dict[str, list[str]]) -> Path:
+    """The floor suite (its parameters are not named qk_*: the qkcheck plugin owns those)."""
+    floor = OUT / "floor"
+    floor.mkdir(parents=True, exist_ok=True)
+    for stale in floor.glob("test_*.py"):
+        stale.unlink()
+    (floor / "ids.json").write_text(json.dumps(ids))
+    (floor / "test_items.py").write_text(FLOOR_ITEMS)
+    (floor / "test_quality.py").write_text(FLOOR_QUALITY)
+    return floor
+
+
+# --- report ------------------------------------------------------------------------------------
+
+
+def med(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def summarize(res: dict) -> dict:
+    """Ratios and verdicts from the raw measurements."""
+    a, b, e = res["suite"], res["floor"], res["xdist"]
+    s: dict = {}
+    s["a_wall"], s["b_wall"] = med([m["wall_s"] for m in a]), med([m["wall_s"] for m in b])
+    s["a_cpu"], s["b_cpu"] = med([m["cpu_s"] for m in a]), med([m["cpu_s"] for m in b])
+    s["a_rss"], s["b_rss"] = med([m["tree_rss"] for m in a]), med([m["tree_rss"] for m in b])
+    s["suite_over_floor"] = s["a_wall"] / s["b_wall"]
+    paired = [x["wall_s"] / y["wall_s"] for x, y in zip(a, b, strict=True)]
+    s["suite_over_floor_paired"] = med(paired)
+    s["suite_over_floor_cpu"] = s["a_cpu"] / s["b_cpu"]
+    for part in ("startup", "collection", "run", "finish"):
+        s[f"a_{part}"] = med([m["timing"].get(part, float("nan")) for m in a])
+        s[f"b_{part}"] = med([m["timing"].get(part, float("nan")) for m in b])
+    s["collection_s"] = s["a_collection"]
+    s["collect_only_wall"] = res["collect_only"]["wall_s"]
+    if e:
+        s["e_wall"] = med([m["wall_s"] for m in e])
+        s["e_rss"] = med([m["tree_rss"] for m in e])
+        s["xdist_speedup"] = s["a_wall"] / s["e_wall"]
+    fig = res.get("figures")
+    if fig:
+        c, d = fig["qkcheck"], fig["dense"]
+        s["c_total"], s["d_total"] = sum(c["item_seconds"]), sum(d["item_seconds"])
+        s["c_item"], s["d_item"] = med(c["item_seconds"]), med(d["item_seconds"])
+        s["c_rank"], s["d_rank"] = med(c["ranking_seconds"]), med(d["ranking_seconds"])
+        s["figures_speedup"] = s["d_total"] / s["c_total"]
+        s["ranking_speedup"] = s["d_rank"] / s["c_rank"]
+        s["c_peak"], s["d_peak"] = c["peak_rss"], d["peak_rss"]
+        s["c_growth"] = c["peak_rss"] - c["rss_setup"]
+        s["d_growth"] = d["peak_rss"] - d["rss_setup"]
+        s["figures_memory"] = s["c_peak"] / s["d_peak"]
+        s["figures_memory_growth"] = s["c_growth"] / max(s["d_growth"], 1)
+        s["top_identical"] = c["top"] == d["top"]
+        s["figure_items"] = len(c["item_seconds"])
+    verdicts = {}
+    for key, target in TARGETS.items():
+        if key not in s:
+            continue
+        at_most = key in ("suite_over_floor", "collection_s", "figures_memory")
+        ok = s[key] <= target if at_most else s[key] >= target
+        verdicts[key] = {"value": s[key], "target": target, "at_most": at_most, "met": ok}
+    s["verdicts"] = verdicts
+    return s
+
+
+def markdown(res: dict, s: dict) -> str:
+    mib = 2**20
+    cfg = res["config"]
+    lines = [
+        f"Machine: {cfg['machine']}; {cfg['cpus']} CPUs; load average {cfg['load_before']} "
+        f"before, {cfg['load_after']} after; torch threads {cfg['torch_threads']}; "
+        f"{len(res['suite'])} round(s) of (a)/(b), {len(res['xdist'])} of (e); "
+        f"total {res['total_s'] / 60:.1f} min.",
+        "",
+        "| measurement | median wall | CPU | peak RSS |",
+        "|---|---|---|---|",
+        f"| (a) validation suite, 40,972 items | {s['a_wall']:.1f} s | {s['a_cpu']:.1f} s | "
+        f"{s['a_rss'] / mib:.0f} MiB |",
+        f"| (b) floor, same ids, `assert True` | {s['b_wall']:.1f} s | {s['b_cpu']:.1f} s | "
+        f"{s['b_rss'] / mib:.0f} MiB |",
+    ]
+    if "e_wall" in s:
+        lines.append(
+            f"| (e) (a) with `-n 2 --dist loadgroup` | {s['e_wall']:.1f} s | – | "
+            f"{s['e_rss'] / mib:.0f} MiB (tree) |"
+        )
+    if "c_total" in s:
+        n = s["figure_items"]
+        lines += [
+            f"| (c) figures of {n} items, qkcheck | {s['c_total']:.1f} s "
+            f"({s['c_item']:.2f} s/item; ranking {s['c_rank']:.2f} s) | – | "
+            f"{s['c_peak'] / mib:.0f} MiB (+{s['c_growth'] / mib:.0f} over setup) |",
+            f"| (d) figures of {n} items, dense reference | {s['d_total']:.1f} s "
+            f"({s['d_item']:.2f} s/item; ranking {s['d_rank']:.2f} s) | – | "
+            f"{s['d_peak'] / mib:.0f} MiB (+{s['d_growth'] / mib:.0f} over setup) |",
+        ]
+    lines += [
+        "",
+        "Where (a) and (b) spend their wall time (medians, s):",
+        "",
+        "| | startup | collection | test loop | summary |",
+        "|---|---|---|---|---|",
+        f"| (a) | {s['a_startup']:.1f} | {s['a_collection']:.1f} | {s['a_run']:.1f} | "
+        f"{s['a_finish']:.1f} |",
+        f"| (b) | {s['b_startup']:.1f} | {s['b_collection']:.1f} | {s['b_run']:.1f} | "
+        f"{s['b_finish']:.1f} |",
+        "",
+        "| ratio | measured | target | met |",
+        "|---|---|---|---|",
+    ]
+    names = {
+        "suite_over_floor": "(a)/(b) wall",
+        "collection_s": "collection of 40,960 items (s, inside (a))",
+        "figures_speedup": "(d)/(c) wall, figures",
+        "figures_memory": "(c)/(d) peak RSS, figures",
+        "xdist_speedup": "(a)/(e), `-n 2` speed-up",
+    }
+    for key, v in s["verdicts"].items():
+        op = "≤" if v["at_most"] else "≥"
+        lines.append(
+            f"| {names[key]} | {v['value']:.3g} | {op} {v['target']:g} | "
+            f"{'yes' if v['met'] else 'no'} |"
+        )
+    lines += [
+        "",
+        f"Also: (a)/(b) paired per round {s['suite_over_floor_paired']:.3g}, CPU time "
+        f"(a)/(b) {s['suite_over_floor_cpu']:.3g}; `--collect-only` wall "
+        f"{s['collect_only_wall']:.1f} s.",
+    ]
+    if "c_total" in s:
+        lines.append(
+            f"Figures: ranking alone (d)/(c) {s['ranking_speedup']:.3g}; memory growth over "
+            f"setup (c)/(d) {s['figures_memory_growth']:.3g}; top-N lists identical: "
+            f"{s['top_identical']}."
+        )
+    return "\n".join(lines) + "\n"
+
+
+# --- main --------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--run-dir", type=Path, default=OUT / "ref")
+    p.add_argument("--samples", type=int, default=20)
+    p.add_argument("--repeats", type=int, default=3, help="rounds of (a) and (b) (default 3)")
+    p.add_argument("--xdist-repeats", type=int, default=2, help="rounds with (e) (default 2)")
+    p.add_argument("--figure-items", type=int, default=80, help="items for (c)/(d); 0 skips")
+    a = p.parse_args(argv)
+    started = time.perf_counter()
+    OUT.mkdir(parents=True, exist_ok=True)
+    run_dir = a.run_dir.resolve()
+    if not (run_dir / "final_config.yaml").is_file():
+        print(f"building the reference-scale run in {run_dir}", flush=True)
+        subprocess.run(
+            [sys.executable, str(BENCH / "make_reference_run.py"), str(run_dir)],
+            cwd=ROOT,
+            check=True,
+        )
+
+    import torch  # only for the report
+
+    load_before = os.getloadavg()
+    res: dict = {"suite": [], "floor": [], "xdist": []}
+    print("collecting the suite's ids", flush=True)
+    ids, collect = collect_ids(run_dir, a.samples)
+    if collect.rc != 0 or not ids["items"]:
+        raise SystemExit(f"collection failed; see {collect.log}")
+    res["collect_only"] = asdict(collect)
+    floor = write_floor(ids)
+    floor_cmd = [sys.executable, "-m", "pytest", str(floor.relative_to(ROOT)), "-q"]
+    floor_cmd += ["-p", "pytest_timing"]
+
+    for r in range(max(a.repeats, a.xdist_repeats)):
+        print(f"round {r + 1}", flush=True)
+        if r < a.repeats:
+            cmd = suite_command(run_dir, a.samples, [], OUT / "artifacts" / f"a{r}")
+            res["suite"].append(asdict(measure(f"a-serial-{r}", cmd, timing=True)))
+            res["floor"].append(asdict(measure(f"b-floor-{r}", floor_cmd, timing=True)))
+        if r < a.xdist_repeats:
+            extra = ["-n", "2", "--dist", "loadgroup"]
+            cmd = suite_command(run_dir, a.samples, extra, OUT / "artifacts" / f"e{r}")
+            res["xdist"].append(asdict(measure(f"e-xdist-{r}", cmd, timing=True)))
+    bad = [m["name"] for m in res["suite"] + res["xdist"] + res["floor"] if m["rc"] != 0]
+    if bad:
+        print(f"WARNING: non-zero exit in {bad}; see bench/out/logs/", flush=True)
+
+    if a.figure_items:
+        res["figures"] = {}
+        for method in ("qkcheck", "dense"):
+            out = OUT / f"figures-{method}.json"
+            cmd = [
+                sys.executable,
+                str(BENCH / "figure_items.py"),
+                str(run_dir),
+                "--method",
+                method,
+                "--samples",
+                str(a.samples),
+                "--items",
+                str(a.figure_items),
+                "--out-dir",
+                str(OUT / "figures"),
+                "--json",
+                str(out),
+            ]
+            m = measure(f"{'c' if method == 'qkcheck' else 'd'}-figures-{method}", cmd)
+            if m.rc != 0:
+                raise SystemExit(f"figures ({method}) failed; see {m.log}")
+            res["figures"][method] = {**json.loads(out.read_text()), "process": asdict(m)}
+
+    res["total_s"] = time.perf_counter() - started
+    res["config"] = {
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "cpus": os.cpu_count(),
+        "load_before": ", ".join(f"{x:.1f}" for x in load_before),
+        "load_after": ", ".join(f"{x:.1f}" for x in os.getloadavg()),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "args": {k: str(v) for k, v in vars(a).items()},
+    }
+    s = summarize(res)
+    res["summary"] = s
+    (OUT / "results.json").write_text(json.dumps(res, indent=1, default=str))
+    md = markdown(res, s)
+    (OUT / "results.md").write_text(md)
+    print()
+    print(md)
+    print(f"written: {OUT / 'results.json'}, {OUT / 'results.md'}")
+
+
+if __name__ == "__main__":
+    main()
