@@ -7,7 +7,8 @@ Loaded with ``-p pytest_timing`` (``bench/`` on ``PYTHONPATH``); writes JSON to
 
 ``startup``: process start to the start of collection (imports, plugins, qkcheck loading the
 run); ``collection``: collecting and parametrizing; ``run``: the test loop; ``finish``:
-the end of the loop to the end of the terminal summary.
+the end of the loop to the end of the terminal summary. Under xdist the controller's
+``collection`` is short and ``run`` includes the workers' start-up and collection.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import json
 import os
 import time
 from pathlib import Path
+
+import pytest
 
 _T: dict[str, float] = {}
 
@@ -29,8 +32,12 @@ def _process_start() -> float:
     return boot + ticks / os.sysconf("SC_CLK_TCK")
 
 
-def pytest_collection(session) -> None:
+@pytest.hookimpl(hookwrapper=True)
+def pytest_collection(session):
+    # a wrapper: xdist's controller answers the hook itself (its workers collect)
     _T.setdefault("collection_start", time.time())
+    yield
+    _T.setdefault("collection_end", time.time())
 
 
 def pytest_collection_finish(session) -> None:
@@ -38,11 +45,10 @@ def pytest_collection_finish(session) -> None:
     _T["items"] = len(session.items)
 
 
-def pytest_runtestloop(session) -> None:
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtestloop(session):
     _T.setdefault("run_start", time.time())
-
-
-def pytest_sessionfinish(session) -> None:
+    yield
     _T["run_end"] = time.time()
 
 

@@ -1,27 +1,31 @@
 """qkcheck at the reference run's scale, side by side with its floors, in one run.
 
-    python bench/run_benchmarks.py            # ~10-15 min on 2 idle cores
+    python bench/run_benchmarks.py            # about 12 min on 2 idle cores
 
 Builds ``bench/out/ref`` (bench/make_reference_run.py) unless present, then measures:
 
-(a) ``pytest validation/ --run-id bench/out/ref --samples 20 --plots none``: 4 layers × 20
-    samples × 512 query positions = 40,960 items (+ 12 run-level quality items), serial;
-(b) the floor: a generated suite with the same test names, ids and item count whose tests
-    ``assert True`` (``bench/out/floor/``), in the same interpreter, config and plugins;
-(c) figures (combined + validation) of 80 items (every layer × 20 samples, last query
-    position) through qkcheck (bench/figure_items.py --method qkcheck), against
-(d) the reference script's dense method (--method dense), top-N lists checked identical;
-(e) (a) with ``-n 2 --dist loadgroup`` (pytest-xdist).
+(a)  ``pytest validation/ --run-id bench/out/ref --samples 20 --plots none``: 4 layers × 20
+     samples × 512 query positions = 40,960 items (+ 12 run-level quality items), serial,
+     exactly as typed;
+(a1) the same with ``OMP_NUM_THREADS=1`` and ``-p no:logging`` (the two costs profiling
+     found; see docs/benchmarks.md);
+(b)  the floor: a generated suite with the same test names, ids and item count whose tests
+     ``assert True`` (``bench/out/floor/``), in the same interpreter, config and plugins;
+(c)  figures (combined + validation) of ``--figure-items`` items (every layer × the first
+     samples, last query position) through qkcheck (bench/figure_items.py), against
+(d)  the reference script's dense method, top-N lists checked identical;
+(e)  (a1) with ``-n 2 --dist loadgroup`` (pytest-xdist), and
+(f)  (b) with ``-n 2``: what xdist costs per item on its own.
 
-(a), (b) and (e) alternate in rounds (a b e, a b e, …) so that a busy machine slows them
-alike; the report takes medians over rounds. Every command runs in its own process: wall
-time, CPU time and peak RSS (``wait4``) of the process, the peak of the summed RSS of its
-process tree (sampled every 0.2 s, which is what counts under xdist), and, through
+(a), (a1) and (b) alternate in rounds so that a busy machine slows them alike; the report
+takes medians over rounds. Every command runs in its own process: wall time, CPU time and
+peak RSS (``wait4``) of the process, the peak of the summed RSS of its process tree
+(sampled every 0.2 s, which is what counts under xdist), and, through
 bench/pytest_timing.py, the split into startup / collection / test loop / summary.
 
-Writes ``bench/out/results.json`` and ``bench/out/results.md`` (the table in
+Writes ``bench/out/results.json`` and ``bench/out/results.md`` (the tables in
 docs/benchmarks.md). ``--repeats``, ``--xdist-repeats`` and ``--figure-items`` trade
-precision for time; the defaults fit 15 minutes on 2 idle cores.
+precision for time; the defaults aim at 15 minutes on 2 idle cores.
 """
 
 from __future__ import annotations
@@ -242,29 +246,45 @@ def med(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
-def summarize(res: dict) -> dict:
-    """Ratios and verdicts from the raw measurements."""
-    a, b, e = res["suite"], res["floor"], res["xdist"]
-    s: dict = {}
-    s["a_wall"], s["b_wall"] = med([m["wall_s"] for m in a]), med([m["wall_s"] for m in b])
-    s["a_cpu"], s["b_cpu"] = med([m["cpu_s"] for m in a]), med([m["cpu_s"] for m in b])
-    s["a_rss"], s["b_rss"] = med([m["tree_rss"] for m in a]), med([m["tree_rss"] for m in b])
-    s["suite_over_floor"] = s["a_wall"] / s["b_wall"]
-    paired = [x["wall_s"] / y["wall_s"] for x, y in zip(a, b, strict=True)]
-    s["suite_over_floor_paired"] = med(paired)
-    s["suite_over_floor_cpu"] = s["a_cpu"] / s["b_cpu"]
+def _stats(ms: list[dict]) -> dict:
+    """Medians of one variant's measurements."""
+    out = {
+        "n": len(ms),
+        "wall": med([m["wall_s"] for m in ms]),
+        "cpu": med([m["cpu_s"] for m in ms]),
+        "rss": med([m["tree_rss"] for m in ms]),
+    }
     for part in ("startup", "collection", "run", "finish"):
-        s[f"a_{part}"] = med([m["timing"].get(part, float("nan")) for m in a])
-        s[f"b_{part}"] = med([m["timing"].get(part, float("nan")) for m in b])
-    s["collection_s"] = s["a_collection"]
+        out[part] = med([m["timing"].get(part, float("nan")) for m in ms])
+    return out
+
+
+def summarize(res: dict) -> dict:
+    """Medians, ratios and verdicts from the raw measurements."""
+    runs = res["runs"]
+    s: dict = {"variants": {k: _stats(v) for k, v in runs.items() if v}}
+    v = s["variants"]
+    s["suite_over_floor"] = v["a"]["wall"] / v["b"]["wall"]
+    s["suite_over_floor_paired"] = med(
+        [x["wall_s"] / y["wall_s"] for x, y in zip(runs["a"], runs["b"], strict=False)]
+    )
+    s["suite_over_floor_cpu"] = v["a"]["cpu"] / v["b"]["cpu"]
+    if "a1" in v:
+        s["tuned_over_floor"] = v["a1"]["wall"] / v["b"]["wall"]
+        s["tuned_over_floor_paired"] = med(
+            [x["wall_s"] / y["wall_s"] for x, y in zip(runs["a1"], runs["b"], strict=False)]
+        )
+    s["collection_s"] = v["a"]["collection"]
     s["collect_only_wall"] = res["collect_only"]["wall_s"]
-    if e:
-        s["e_wall"] = med([m["wall_s"] for m in e])
-        s["e_rss"] = med([m["tree_rss"] for m in e])
-        s["xdist_speedup"] = s["a_wall"] / s["e_wall"]
+    if "e" in v:
+        serial = v["a1"] if "a1" in v else v["a"]
+        s["xdist_speedup"] = serial["wall"] / v["e"]["wall"]
+    if "f" in v:
+        s["floor_xdist_speedup"] = v["b"]["wall"] / v["f"]["wall"]
     fig = res.get("figures")
     if fig:
         c, d = fig["qkcheck"], fig["dense"]
+        s["figure_items"] = len(c["item_seconds"])
         s["c_total"], s["d_total"] = sum(c["item_seconds"]), sum(d["item_seconds"])
         s["c_item"], s["d_item"] = med(c["item_seconds"]), med(d["item_seconds"])
         s["c_rank"], s["d_rank"] = med(c["ranking_seconds"]), med(d["ranking_seconds"])
@@ -276,7 +296,6 @@ def summarize(res: dict) -> dict:
         s["figures_memory"] = s["c_peak"] / s["d_peak"]
         s["figures_memory_growth"] = s["c_growth"] / max(s["d_growth"], 1)
         s["top_identical"] = c["top"] == d["top"]
-        s["figure_items"] = len(c["item_seconds"])
     verdicts = {}
     for key, target in TARGETS.items():
         if key not in s:
@@ -288,89 +307,96 @@ def summarize(res: dict) -> dict:
     return s
 
 
+LABELS = {
+    "a": "(a) `pytest validation/ … --plots none`",
+    "a1": "(a1) (a) with `OMP_NUM_THREADS=1 … -p no:logging`",
+    "b": "(b) floor: same ids, `assert True`",
+    "e": "(e) (a1) with `-n 2 --dist loadgroup`",
+    "f": "(f) (b) with `-n 2`",
+}
+
+
 def markdown(res: dict, s: dict) -> str:
     mib = 2**20
     cfg = res["config"]
+    v = s["variants"]
+    rounds = ", ".join(f"{k} ×{x['n']}" for k, x in v.items())
     lines = [
-        f"Machine: {cfg['machine']}; {cfg['cpus']} CPUs; load average {cfg['load_before']} "
-        f"before, {cfg['load_after']} after; torch threads {cfg['torch_threads']}; "
-        f"{len(res['suite'])} round(s) of (a)/(b), {len(res['xdist'])} of (e); "
-        f"total {res['total_s'] / 60:.1f} min.",
+        f"Machine: {cfg['machine']}, {cfg['cpus']} CPUs, load average {cfg['load_before']} "
+        f"before and {cfg['load_after']} after; Python {cfg['python']}, torch {cfg['torch']} "
+        f"({cfg['torch_threads']} threads by default). Runs: {rounds}; figures: "
+        f"{s.get('figure_items', 0)} items per method. Total {res['total_s'] / 60:.1f} min.",
         "",
-        "| measurement | median wall | CPU | peak RSS |",
-        "|---|---|---|---|",
-        f"| (a) validation suite, 40,972 items | {s['a_wall']:.1f} s | {s['a_cpu']:.1f} s | "
-        f"{s['a_rss'] / mib:.0f} MiB |",
-        f"| (b) floor, same ids, `assert True` | {s['b_wall']:.1f} s | {s['b_cpu']:.1f} s | "
-        f"{s['b_rss'] / mib:.0f} MiB |",
+        "| measurement (medians) | wall | CPU | peak RSS | startup | collection | test loop |",
+        "|---|---|---|---|---|---|---|",
     ]
-    if "e_wall" in s:
+    for key, x in v.items():
         lines.append(
-            f"| (e) (a) with `-n 2 --dist loadgroup` | {s['e_wall']:.1f} s | – | "
-            f"{s['e_rss'] / mib:.0f} MiB (tree) |"
+            f"| {LABELS[key]} | {x['wall']:.1f} s | {x['cpu']:.1f} s | "
+            f"{x['rss'] / mib:.0f} MiB | {x['startup']:.1f} s | {x['collection']:.1f} s | "
+            f"{x['run']:.1f} s |"
         )
     if "c_total" in s:
         n = s["figure_items"]
         lines += [
-            f"| (c) figures of {n} items, qkcheck | {s['c_total']:.1f} s "
-            f"({s['c_item']:.2f} s/item; ranking {s['c_rank']:.2f} s) | – | "
-            f"{s['c_peak'] / mib:.0f} MiB (+{s['c_growth'] / mib:.0f} over setup) |",
-            f"| (d) figures of {n} items, dense reference | {s['d_total']:.1f} s "
-            f"({s['d_item']:.2f} s/item; ranking {s['d_rank']:.2f} s) | – | "
-            f"{s['d_peak'] / mib:.0f} MiB (+{s['d_growth'] / mib:.0f} over setup) |",
+            "",
+            "| figures (combined + validation) | total | per item | ranking per item | "
+            "peak RSS | growth over setup |",
+            "|---|---|---|---|---|---|",
+            f"| (c) qkcheck, {n} items | {s['c_total']:.1f} s | {s['c_item']:.2f} s | "
+            f"{s['c_rank']:.2f} s | {s['c_peak'] / mib:.0f} MiB | {s['c_growth'] / mib:.0f} MiB |",
+            f"| (d) dense reference, {n} items | {s['d_total']:.1f} s | {s['d_item']:.2f} s | "
+            f"{s['d_rank']:.2f} s | {s['d_peak'] / mib:.0f} MiB | {s['d_growth'] / mib:.0f} MiB |",
         ]
-    lines += [
-        "",
-        "Where (a) and (b) spend their wall time (medians, s):",
-        "",
-        "| | startup | collection | test loop | summary |",
-        "|---|---|---|---|---|",
-        f"| (a) | {s['a_startup']:.1f} | {s['a_collection']:.1f} | {s['a_run']:.1f} | "
-        f"{s['a_finish']:.1f} |",
-        f"| (b) | {s['b_startup']:.1f} | {s['b_collection']:.1f} | {s['b_run']:.1f} | "
-        f"{s['b_finish']:.1f} |",
-        "",
-        "| ratio | measured | target | met |",
-        "|---|---|---|---|",
-    ]
     names = {
         "suite_over_floor": "(a)/(b) wall",
-        "collection_s": "collection of 40,960 items (s, inside (a))",
+        "collection_s": f"collection of {res['n_items']:,} items inside (a), s",
         "figures_speedup": "(d)/(c) wall, figures",
         "figures_memory": "(c)/(d) peak RSS, figures",
-        "xdist_speedup": "(a)/(e), `-n 2` speed-up",
+        "xdist_speedup": "(a1)/(e): `-n 2` speed-up",
     }
-    for key, v in s["verdicts"].items():
-        op = "≤" if v["at_most"] else "≥"
+    lines += ["", "| target | measured | target | met |", "|---|---|---|---|"]
+    for key, x in s["verdicts"].items():
+        op = "≤" if x["at_most"] else "≥"
         lines.append(
-            f"| {names[key]} | {v['value']:.3g} | {op} {v['target']:g} | "
-            f"{'yes' if v['met'] else 'no'} |"
+            f"| {names[key]} | {x['value']:.3g} | {op} {x['target']:g} | "
+            f"{'yes' if x['met'] else 'no'} |"
         )
-    lines += [
-        "",
-        f"Also: (a)/(b) paired per round {s['suite_over_floor_paired']:.3g}, CPU time "
-        f"(a)/(b) {s['suite_over_floor_cpu']:.3g}; `--collect-only` wall "
-        f"{s['collect_only_wall']:.1f} s.",
+    extra = [
+        f"(a)/(b) paired per round: {s['suite_over_floor_paired']:.3g}; CPU (a)/(b): "
+        f"{s['suite_over_floor_cpu']:.3g}",
     ]
-    if "c_total" in s:
-        lines.append(
-            f"Figures: ranking alone (d)/(c) {s['ranking_speedup']:.3g}; memory growth over "
-            f"setup (c)/(d) {s['figures_memory_growth']:.3g}; top-N lists identical: "
-            f"{s['top_identical']}."
+    if "tuned_over_floor" in s:
+        extra.append(
+            f"(a1)/(b): {s['tuned_over_floor']:.3g} (paired {s['tuned_over_floor_paired']:.3g})"
         )
+    if "floor_xdist_speedup" in s:
+        extra.append(f"floor (b)/(f), xdist on trivial items: {s['floor_xdist_speedup']:.3g}")
+    extra.append(f"`--collect-only` wall: {s['collect_only_wall']:.1f} s")
+    if "c_total" in s:
+        extra.append(
+            f"figures: ranking alone (d)/(c) {s['ranking_speedup']:.3g}; per item (d)/(c) "
+            f"{s['d_item'] / s['c_item']:.3g}; memory growth (c)/(d) "
+            f"{s['figures_memory_growth']:.3g}; top-N lists identical: {s['top_identical']}"
+        )
+    lines += ["", *(f"* {e}" for e in extra)]
     return "\n".join(lines) + "\n"
 
 
 # --- main --------------------------------------------------------------------------------------
+
+TUNED_ENV = {"OMP_NUM_THREADS": "1"}
+TUNED_ARGS = ["-p", "no:logging"]
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--run-dir", type=Path, default=OUT / "ref")
     p.add_argument("--samples", type=int, default=20)
-    p.add_argument("--repeats", type=int, default=3, help="rounds of (a) and (b) (default 3)")
-    p.add_argument("--xdist-repeats", type=int, default=2, help="rounds with (e) (default 2)")
-    p.add_argument("--figure-items", type=int, default=80, help="items for (c)/(d); 0 skips")
+    p.add_argument("--repeats", type=int, default=3, help="rounds of (a), (a1), (b) (3)")
+    p.add_argument("--xdist-repeats", type=int, default=1, help="rounds of (e), (f) (1)")
+    p.add_argument("--figure-items", type=int, default=8, help="items for (c)/(d), 0 skips (8)")
+    p.add_argument("--no-tuned", action="store_true", help="skip (a1)")
     a = p.parse_args(argv)
     started = time.perf_counter()
     OUT.mkdir(parents=True, exist_ok=True)
@@ -386,27 +412,34 @@ def main(argv: list[str] | None = None) -> None:
     import torch  # only for the report
 
     load_before = os.getloadavg()
-    res: dict = {"suite": [], "floor": [], "xdist": []}
+    res: dict = {"runs": {"a": [], "a1": [], "b": [], "e": [], "f": []}}
+    runs = res["runs"]
     print("collecting the suite's ids", flush=True)
     ids, collect = collect_ids(run_dir, a.samples)
     if collect.rc != 0 or not ids["items"]:
         raise SystemExit(f"collection failed; see {collect.log}")
     res["collect_only"] = asdict(collect)
+    res["n_items"] = sum(len(v) for v in ids.values())
     floor = write_floor(ids)
     floor_cmd = [sys.executable, "-m", "pytest", str(floor.relative_to(ROOT)), "-q"]
     floor_cmd += ["-p", "pytest_timing"]
+    xdist = ["-n", "2", "--dist", "loadgroup"]
+
+    def suite(name: str, extra: list[str], env: dict | None = None) -> dict:
+        cmd = suite_command(run_dir, a.samples, extra, OUT / "artifacts" / name)
+        return asdict(measure(name, cmd, env=env, timing=True))
 
     for r in range(max(a.repeats, a.xdist_repeats)):
         print(f"round {r + 1}", flush=True)
         if r < a.repeats:
-            cmd = suite_command(run_dir, a.samples, [], OUT / "artifacts" / f"a{r}")
-            res["suite"].append(asdict(measure(f"a-serial-{r}", cmd, timing=True)))
-            res["floor"].append(asdict(measure(f"b-floor-{r}", floor_cmd, timing=True)))
+            runs["a"].append(suite(f"a-{r}", []))
+            if not a.no_tuned:
+                runs["a1"].append(suite(f"a1-{r}", TUNED_ARGS, TUNED_ENV))
+            runs["b"].append(asdict(measure(f"b-{r}", floor_cmd, timing=True)))
         if r < a.xdist_repeats:
-            extra = ["-n", "2", "--dist", "loadgroup"]
-            cmd = suite_command(run_dir, a.samples, extra, OUT / "artifacts" / f"e{r}")
-            res["xdist"].append(asdict(measure(f"e-xdist-{r}", cmd, timing=True)))
-    bad = [m["name"] for m in res["suite"] + res["xdist"] + res["floor"] if m["rc"] != 0]
+            runs["e"].append(suite(f"e-{r}", TUNED_ARGS + xdist, TUNED_ENV))
+            runs["f"].append(asdict(measure(f"f-{r}", [*floor_cmd, "-n", "2"], timing=True)))
+    bad = [m["name"] for ms in runs.values() for m in ms if m["rc"] != 0]
     if bad:
         print(f"WARNING: non-zero exit in {bad}; see bench/out/logs/", flush=True)
 
