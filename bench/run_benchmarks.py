@@ -15,7 +15,10 @@ Builds ``bench/out/ref`` (bench/make_reference_run.py) unless present, then meas
      samples, last query position) through qkcheck (bench/figure_items.py), against
 (d)  the reference script's dense method, top-N lists checked identical;
 (e)  (a1) with ``-n 2 --dist loadgroup`` (pytest-xdist), and
-(f)  (b) with ``-n 2``: what xdist costs per item on its own.
+(f)  (b) with ``-n 2``: what xdist costs per item on its own;
+(g)  (a1) as two ``--layers`` shards run at once as two processes, merged with
+     ``python -m qkcheck.merge`` (the sharding recipe, on one machine), checked equal to
+     (a1)'s summary apart from settings and paths.
 
 (a), (a1) and (b) alternate in rounds so that a busy machine slows them alike; the report
 takes medians over rounds. Every command runs in its own process: wall time, CPU time and
@@ -103,42 +106,67 @@ def measure(
     name: str, cmd: list[str], env: dict | None = None, timing: bool = False
 ) -> Measurement:
     """Run ``cmd`` from the repository root; wall, CPU, RSS; its output goes to a log file."""
-    m = Measurement(name, cmd)
+    return measure_parallel(name, [cmd], env, timing)
+
+
+def measure_parallel(
+    name: str, cmds: list[list[str]], env: dict | None = None, timing: bool = False
+) -> Measurement:
+    """Run ``cmds`` at once: wall until the last ends, CPU summed, RSS of all trees summed.
+    Timing (bench/pytest_timing.py) and the log are the first command's."""
+    m = Measurement(name, cmds[0] if len(cmds) == 1 else [" ".join(c) for c in cmds])
     logs = OUT / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    log = logs / f"{name}.log"
-    timing_file = logs / f"{name}.timing.json"
-    timing_file.unlink(missing_ok=True)
-    full_env = {**os.environ, **(env or {})}
-    if timing:
-        full_env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (str(BENCH), full_env.get("PYTHONPATH")) if p
-        )
-        full_env["BENCH_TIMING_OUT"] = str(timing_file)
-    with open(log, "w") as fh:
+    procs: list[subprocess.Popen] = []
+    files = []
+    rcs: list[int] = []
+    try:
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=fh, stderr=subprocess.STDOUT)
+        for k, cmd in enumerate(cmds):
+            tag = name if len(cmds) == 1 else f"{name}.{k}"
+            full_env = {**os.environ, **(env or {})}
+            if timing:
+                full_env["PYTHONPATH"] = os.pathsep.join(
+                    p for p in (str(BENCH), full_env.get("PYTHONPATH")) if p
+                )
+                full_env["BENCH_TIMING_OUT"] = str(logs / f"{tag}.timing.json")
+                (logs / f"{tag}.timing.json").unlink(missing_ok=True)
+            fh = open(logs / f"{tag}.log", "w")  # closed below
+            files.append(fh)
+            procs.append(
+                subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=fh, stderr=subprocess.STDOUT)
+            )
         peak = [0]
         done = threading.Event()
 
         def poll() -> None:
             while not done.wait(0.2):
-                peak[0] = max(peak[0], _tree_rss(proc.pid))
+                peak[0] = max(peak[0], sum(_tree_rss(p.pid) for p in procs))
 
         poller = threading.Thread(target=poll, daemon=True)
         poller.start()
-        _, status, usage = os.wait4(proc.pid, 0)
+        for proc in procs:
+            _, status, usage = os.wait4(proc.pid, 0)
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            rcs.append(proc.returncode)
+            m.cpu_s += usage.ru_utime + usage.ru_stime
+            m.maxrss = max(m.maxrss, usage.ru_maxrss * 1024)
         m.wall_s = time.perf_counter() - t0
         done.set()
         poller.join()
-        proc.returncode = os.waitstatus_to_exitcode(status)
-    m.rc = proc.returncode
-    m.cpu_s = usage.ru_utime + usage.ru_stime
-    m.maxrss = usage.ru_maxrss * 1024
+    finally:
+        for proc in procs:
+            if proc.returncode is None:
+                proc.kill()
+                proc.wait()
+        for fh in files:
+            fh.close()
+    m.rc = next((rc for rc in rcs if rc != 0), 0)
     m.tree_rss = max(peak[0], m.maxrss)
-    m.log = str(log.relative_to(ROOT))
-    if timing and timing_file.is_file():
-        m.timing = json.loads(timing_file.read_text())
+    first = name if len(cmds) == 1 else f"{name}.0"
+    m.log = str((logs / f"{first}.log").relative_to(ROOT))
+    if timing and (logs / f"{first}.timing.json").is_file():
+        m.timing = json.loads((logs / f"{first}.timing.json").read_text())
     status_word = "ok" if m.rc == 0 else f"EXIT {m.rc}"
     print(
         f"  {name:<18} {m.wall_s:7.1f} s wall {m.cpu_s:7.1f} s cpu "
@@ -239,6 +267,14 @@ def write_floor(ids: dict[str, list[str]]) -> Path:
     return floor
 
 
+def _comparable(path: Path) -> dict:
+    """A summary without what differs between shards and a whole run (settings, paths)."""
+    data = json.loads(path.read_text())
+    data.pop("settings", None)
+    data["figures"]["paths"] = []
+    return data
+
+
 # --- report ------------------------------------------------------------------------------------
 
 
@@ -281,6 +317,10 @@ def summarize(res: dict) -> dict:
         s["xdist_speedup"] = serial["wall"] / v["e"]["wall"]
     if "f" in v:
         s["floor_xdist_speedup"] = v["b"]["wall"] / v["f"]["wall"]
+    if "g" in v:
+        serial = v["a1"] if "a1" in v else v["a"]
+        s["shards_speedup"] = serial["wall"] / v["g"]["wall"]
+        s["shards_merge_equal"] = all(m.get("merge_equals_whole") for m in runs["g"])
     fig = res.get("figures")
     if fig:
         c, d = fig["qkcheck"], fig["dense"]
@@ -313,6 +353,7 @@ LABELS = {
     "b": "(b) floor: same ids, `assert True`",
     "e": "(e) (a1) with `-n 2 --dist loadgroup`",
     "f": "(f) (b) with `-n 2`",
+    "g": "(g) (a1) as two `--layers` shards in parallel processes + merge",
 }
 
 
@@ -372,6 +413,11 @@ def markdown(res: dict, s: dict) -> str:
         )
     if "floor_xdist_speedup" in s:
         extra.append(f"floor (b)/(f), xdist on trivial items: {s['floor_xdist_speedup']:.3g}")
+    if "shards_speedup" in s:
+        extra.append(
+            f"(a1)/(g), two --layers shards in parallel: {s['shards_speedup']:.3g}; merged "
+            f"summary equals (a1)'s apart from settings and paths: {s['shards_merge_equal']}"
+        )
     extra.append(f"`--collect-only` wall: {s['collect_only_wall']:.1f} s")
     if "c_total" in s:
         extra.append(
@@ -394,7 +440,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--run-dir", type=Path, default=OUT / "ref")
     p.add_argument("--samples", type=int, default=20)
     p.add_argument("--repeats", type=int, default=3, help="rounds of (a), (a1), (b) (3)")
-    p.add_argument("--xdist-repeats", type=int, default=1, help="rounds of (e), (f) (1)")
+    p.add_argument("--xdist-repeats", type=int, default=1, help="rounds of (e), (f), (g) (1)")
     p.add_argument("--figure-items", type=int, default=8, help="items for (c)/(d), 0 skips (8)")
     p.add_argument("--no-tuned", action="store_true", help="skip (a1)")
     a = p.parse_args(argv)
@@ -412,7 +458,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch  # only for the report
 
     load_before = os.getloadavg()
-    res: dict = {"runs": {"a": [], "a1": [], "b": [], "e": [], "f": []}}
+    res: dict = {"runs": {"a": [], "a1": [], "b": [], "e": [], "f": [], "g": []}}
     runs = res["runs"]
     print("collecting the suite's ids", flush=True)
     ids, collect = collect_ids(run_dir, a.samples)
@@ -429,6 +475,29 @@ def main(argv: list[str] | None = None) -> None:
         cmd = suite_command(run_dir, a.samples, extra, OUT / "artifacts" / name)
         return asdict(measure(name, cmd, env=env, timing=True))
 
+    layers = [x.removeprefix("L") for x in ids["layers"]]
+    halves = [layers[: len(layers) // 2], layers[len(layers) // 2 :]]
+
+    def layer_shards(name: str) -> dict:
+        """(a1) as two --layers shards in two processes at once, then merged."""
+        dirs = [OUT / "artifacts" / f"{name}.{k}" for k in range(2)]
+        cmds = [
+            suite_command(run_dir, a.samples, [*TUNED_ARGS, "--layers", ",".join(h)], d)
+            for h, d in zip(halves, dirs, strict=True)
+        ]
+        m = measure_parallel(name, cmds, env=TUNED_ENV, timing=True)
+        merged = OUT / "artifacts" / f"{name}.merged.json"
+        merge = [sys.executable, "-m", "qkcheck.merge", *(str(d / "summary.json") for d in dirs)]
+        t = time.perf_counter()
+        done = subprocess.run([*merge, "-o", str(merged)], cwd=ROOT, capture_output=True)
+        m.wall_s += time.perf_counter() - t
+        out = asdict(m)
+        out["merge_rc"] = done.returncode
+        whole = OUT / "artifacts" / ("a-0" if a.no_tuned else "a1-0") / "summary.json"
+        if merged.is_file() and whole.is_file():
+            out["merge_equals_whole"] = _comparable(merged) == _comparable(whole)
+        return out
+
     for r in range(max(a.repeats, a.xdist_repeats)):
         print(f"round {r + 1}", flush=True)
         if r < a.repeats:
@@ -439,6 +508,7 @@ def main(argv: list[str] | None = None) -> None:
         if r < a.xdist_repeats:
             runs["e"].append(suite(f"e-{r}", TUNED_ARGS + xdist, TUNED_ENV))
             runs["f"].append(asdict(measure(f"f-{r}", [*floor_cmd, "-n", "2"], timing=True)))
+            runs["g"].append(layer_shards(f"g-{r}"))
     bad = [m["name"] for ms in runs.values() for m in ms if m["rc"] != 0]
     if bad:
         print(f"WARNING: non-zero exit in {bad}; see bench/out/logs/", flush=True)
