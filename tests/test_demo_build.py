@@ -218,7 +218,7 @@ def test_quality_problems_name_the_module_and_the_number(
 ) -> None:
     report = {
         "delta_fraction": {"h.0.attn.q_proj": delta, "h.0.attn.v_proj": 0.9},
-        "ci_active_fraction": {"h.0.attn.q_proj": active},
+        "ci_active_fraction": {"h.0.attn.q_proj": active, "h.0.attn.o_proj": 0.9},
     }
     problems = quality_problems(report)
     assert len(problems) == len(broken)
@@ -230,3 +230,50 @@ def test_a_build_that_misses_its_budgets_writes_nothing(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"misses its budgets, nothing written:\n  h\.0\.attn"):
         demo_build.build(TINY, tmp_path, check=True, log=lambda _msg: None)
     assert not any(tmp_path.iterdir())
+
+
+def test_qkchecks_loader_reads_the_build_as_the_builder_wrote_it(
+    tiny_run: tuple[Path, dict],
+) -> None:
+    """An independent check of the key layout: qkcheck's loader (load_run, qkcheck.ci) and
+    the builder's own modules agree on target logits and on every module's lower CI."""
+    from qkcheck import load_run
+    from qkcheck.models import build_target_model
+
+    out, _ = tiny_run
+    run = load_run(out / SPD_DIR)
+    samples = run.samples
+    assert samples is not None and samples.shape == (TINY.n_samples, TINY.n_ctx)
+    assert sorted(run.module_paths) == sorted(TINY.module_paths())
+
+    state = torch.load(out / SPD_DIR / f"model_{TINY.spd_steps}.pth", weights_only=True)
+    model_config = yaml.safe_load((out / PRETRAIN_DIR / "model_config.yaml").read_text())
+    target = build_target_model(demo_build.MODEL_CLASS, model_config, None)
+    decomp = demo_build.Decomposition(target, TINY.module_paths(), TINY.ci_hidden_dims)
+    decomp.load_state_dict(state)
+    _, inputs = decomp.clean_forward(samples)
+    with torch.no_grad():
+        ours = {p: v.clamp(0.0, 1.0) for p, v in decomp.pre_sigmoid(inputs).items()}
+    theirs = run.causal_importances(samples)
+    for path, ci in ours.items():
+        torch.testing.assert_close(theirs[path], ci, msg=lambda m, p=path: f"{p}: {m}")
+    expected = target.capture(samples).logits
+    for layer, logits in run.target_attention_logits(samples).items():
+        torch.testing.assert_close(logits, expected[layer])
+
+
+# --- the shipped demo run -------------------------------------------------------------------------
+
+
+def test_the_shipped_demo_is_small_and_is_what_the_default_config_builds() -> None:
+    root = demo_build.DEFAULT_OUT
+    files = [p for p in root.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) <= 5 * 2**20
+    cfg = BuildConfig()
+    expected = demo_build.run_file_names(cfg)
+    assert sorted(str(p.relative_to(root)) for p in files) == sorted(expected)
+    config = yaml.safe_load((root / SPD_DIR / "final_config.yaml").read_text())
+    assert config == demo_build.spd_config(cfg)
+    samples = torch.load(root / SPD_DIR / "samples.pt", weights_only=True)
+    assert samples.dtype == torch.int64 and samples.shape == (cfg.n_samples, cfg.n_ctx)
+    assert cfg.n_samples >= 16
