@@ -83,14 +83,15 @@ def setup_suite(pytester: pytest.Pytester, spd_out: Path, inject: str = "") -> N
     pytester._monkeypatch.setenv("SPD_OUT_DIR", str(spd_out))
 
 
-def run_suite(pytester: pytest.Pytester, *args: str) -> tuple[dict, set[str]]:
-    """Run the suite; return the summary JSON and the names of failed tests."""
+def run_suite(
+    pytester: pytest.Pytester, *args: str, run: tuple[str, ...] | None = None
+) -> tuple[dict, set[str]]:
+    """Run the suite (on the genuine run unless ``run`` gives other run options); return
+    the summary JSON and the names of failed tests."""
     art = pytester.path / "artifacts"
+    run = run or ("--run-id", GENUINE_RUN_ID, "--samples-file", str(TOKENS))
     result = pytester.runpytest_subprocess(
-        "--run-id",
-        GENUINE_RUN_ID,
-        "--samples-file",
-        str(TOKENS),
+        *run,
         "--artifacts-dir",
         str(art),
         "--plots",
@@ -118,6 +119,13 @@ def test_the_genuine_run_passes_every_check(pytester, spd_out):
     summary, failed = run_suite(pytester, "--samples", "3")
     assert failed == set()
     assert summary["totals"] == {"items": 2 * 3 * 64, "passed": 2 * 3 * 64, "failed": 0}
+
+
+def test_the_demo_run_passes_every_check(pytester, spd_out):
+    setup_suite(pytester, spd_out)
+    summary, failed = run_suite(pytester, "--samples", "2", run=("--run-id", "demo"))
+    assert failed == set()
+    assert summary["run"] == "s-qkdemo01" and summary["totals"]["failed"] == 0
 
 
 @pytest.mark.parametrize("fault", sorted(INJECT))
