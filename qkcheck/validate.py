@@ -8,6 +8,7 @@ item only indexes cached results. Nothing here imports pytest.
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -305,15 +306,17 @@ class Validator:
             layout.head_dim,
             T,
         )
-        mask = causal_mask(T, device=dev)[None]  # (1, i, j)
-        cerr = dec.closure_error[0].masked_fill(~mask, 0).amax(dim=(0, 2))
+        above = ~causal_mask(T, device=dev)[None]  # (1, i, j): key after query
+        low = _lower_flat(T, dev)  # the entries j ≤ i, as a boolean mask selects them
+        cerr = dec.closure_error[0].masked_fill(above, 0).amax(dim=(0, 2))
         r = dec.residual[0]
+        r_abs = r.abs()
         slack = tol * dec.magnitude[0]
-        excess = (r.abs() - chosen[0] - slack).masked_fill(~mask, -torch.inf).amax(dim=(0, 2))
+        excess = (r_abs - chosen[0] - slack).masked_fill(above, -torch.inf).amax(dim=(0, 2))
         ratio = torch.where(
-            chosen[0] > 0, r.abs() / chosen[0].clamp_min(1e-300), (r.abs() > slack) * torch.inf
+            chosen[0] > 0, r_abs / chosen[0].clamp_min(1e-300), (r_abs > slack) * torch.inf
         )
-        ratio = torch.nan_to_num(ratio.masked_fill(~mask, -1.0), nan=0.0)
+        ratio = torch.nan_to_num(ratio.masked_fill(above, -1.0), nan=0.0)
         H = ratio.shape[0]
         flat = ratio.permute(1, 0, 2).reshape(T, H * T)  # (i, head·j)
         best, where = flat.max(dim=1)
@@ -323,7 +326,7 @@ class Validator:
         def at(t: Tensor) -> Tensor:
             return t[0][head, idx, key].cpu()
 
-        tgt_low = target[0][mask.expand(H, T, T)].double()
+        tgt_low = target[0].flatten(1)[:, low].double()
         S = dec.component_sum + dec.bias_terms
         return GroupResult(
             layer=layer,
@@ -340,7 +343,7 @@ class Validator:
             bound=at(chosen),
             data_bound=at(dec.data_bound),
             weight_bound=at(dec.weight_bound),
-            abs_r=r.abs()[mask.expand(H, T, T)].float().cpu().numpy(),
+            abs_r=r_abs.flatten(1)[:, low].float().cpu().numpy().reshape(-1),
             target_sum=float(tgt_low.sum()),
             target_sumsq=float((tgt_low**2).sum()),
             target_count=int(tgt_low.numel()),
@@ -374,6 +377,14 @@ class Validator:
             "r_frac_of_logit_scale": median / max(var**0.5, 1e-30),
             "max_closure_error": float(max(float(g.closure_error.max()) for g in groups)),
         }
+
+
+@functools.lru_cache(maxsize=4)
+def _lower_flat(n: int, device: torch.device | str) -> Tensor:
+    """Flat indices ``i·n + j`` of ``j ≤ i`` in row-major order — what a boolean causal
+    mask selects, without the ``nonzero`` it costs per call."""
+    i, j = torch.tril_indices(n, n, device=device)
+    return i * n + j
 
 
 def _strip(g: GroupResult) -> GroupResult:
