@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 
 CHILD = r"""
 import json, sys, time, torch
@@ -23,7 +22,11 @@ def hwm():
         if line.startswith("VmHWM"):
             return int(line.split()[1]) * 1024
 g = torch.Generator().manual_seed(0)
-f = ItemFactors(q=torch.randn(6, 250, 32, generator=g), k=torch.randn(3, 200, 512, 32, generator=g), scale=32 ** -0.5)
+f = ItemFactors(
+    q=torch.randn(6, 250, 32, generator=g),
+    k=torch.randn(3, 200, 512, 32, generator=g),
+    scale=32 ** -0.5,
+)
 before = hwm()
 t = time.perf_counter()
 if sys.argv[1] == "chunked":
@@ -33,7 +36,8 @@ else:
     P = dense_contributions(f)  # (head, C_q, C_k, key): the reference script's tensor
     peak = P.mean(dim=0).abs().amax(dim=-1).flatten()
     pairs = [list(divmod(int(i), 200)) for i in peak.topk(8).indices]
-print(json.dumps({"seconds": time.perf_counter() - t, "peak_bytes": hwm() - before, "pairs": pairs}))
+elapsed = time.perf_counter() - t
+print(json.dumps({"seconds": elapsed, "peak_bytes": hwm() - before, "pairs": pairs}))
 """
 
 
@@ -47,9 +51,9 @@ def main() -> None:
     print(f"dense pair tensor: {dense_size / 2**20:.0f} MiB")
     for m, r in out.items():
         print(f"{m:8s} peak +{r['peak_bytes'] / 2**20:7.1f} MiB  {r['seconds']:.2f} s")
-    print(f"memory ratio dense/chunked: {out['dense']['peak_bytes'] / out['chunked']['peak_bytes']:.1f}")
+    ratio = out["dense"]["peak_bytes"] / out["chunked"]["peak_bytes"]
+    print(f"memory ratio dense/chunked: {ratio:.1f}")
     print(f"identical top-8 (head mean): {same}")
-    time.sleep(0)
 
 
 if __name__ == "__main__":
