@@ -14,6 +14,7 @@ from typing import Any, ClassVar, Self
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from qkcheck.errors import CheckpointError, ConfigError, SamplesError, UnsupportedError
 from qkcheck.models.base import AttentionSpec, Capture
@@ -97,6 +98,18 @@ class CapturingAttention(nn.Module):
         super().__init__()
         self.layer = layer
         self.sink: Capture | None = None
+
+    def attend(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """Causal attention as spd's non-flash path computes it: ``q``/``k``/``v``
+        ``(batch, head, pos, d_head)`` (keys already repeated per query head), scores
+        ``q kᵀ / sqrt(d_head)`` recorded before the mask together with the input ``x``.
+        Returns ``(batch, pos, head·d_head)``."""
+        batch, _, n_pos, _ = q.shape
+        scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+        self.record(x, scores)
+        causal = torch.ones(n_pos, n_pos, dtype=torch.bool, device=x.device).tril()
+        pattern = F.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)
+        return (pattern @ v).transpose(1, 2).contiguous().view(batch, n_pos, -1)
 
     def record(self, attn_input: Tensor, scores: Tensor) -> None:
         """Store ``attn_input`` ``(batch, pos, d_model)`` and ``scores`` ``(batch, head, query_pos,

@@ -15,7 +15,6 @@ from typing import Any, ClassVar, Self
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
 from qkcheck.models.base import AttentionSpec
 from qkcheck.models.common import CapturingAttention, ConfigReader, TargetModel, new_gelu
@@ -82,12 +81,7 @@ class GPT2Attention(CapturingAttention):
         q = self.q_proj(x).view(batch, n_pos, self.n_head, head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, n_pos, self.n_head, head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, n_pos, self.n_head, head_dim).transpose(1, 2)
-        scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
-        self.record(x, scores)
-        causal = torch.ones(n_pos, n_pos, dtype=torch.bool, device=x.device).tril()
-        pattern = F.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)
-        y = (pattern @ v).transpose(1, 2).contiguous().view(batch, n_pos, d_model)
-        return self.o_proj(y)
+        return self.o_proj(self.attend(x, q, k, v))
 
 
 class GeluMLP(nn.Module):

@@ -148,7 +148,7 @@ class LlamaAttention(CapturingAttention):
         return turned
 
     def forward(self, x: Tensor) -> Tensor:
-        batch, n_pos, d_model = x.shape
+        batch, n_pos, _ = x.shape
         q = self.q_proj(x).view(batch, n_pos, self.n_head, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, n_pos, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, n_pos, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -164,12 +164,7 @@ class LlamaAttention(CapturingAttention):
             k = k.repeat_interleave(repeat, dim=1)
             v = v.repeat_interleave(repeat, dim=1)
 
-        scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
-        self.record(x, scores)
-        causal = torch.ones(n_pos, n_pos, dtype=torch.bool, device=x.device).tril()
-        pattern = F.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)
-        y = (pattern @ v).transpose(1, 2).contiguous().view(batch, n_pos, d_model)
-        return self.o_proj(y)
+        return self.o_proj(self.attend(x, q, k, v))
 
 
 class SwiGLUMLP(nn.Module):
