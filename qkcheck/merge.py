@@ -10,10 +10,12 @@ summary then holds whole layers, and the merged summary equals a single-machine 
 The rule behind that: a layer's item counts, worst ``|r|/B`` and closure error combine
 across shards (sums and maxima), but its ``median_abs_r``, ``p99_abs_r`` and
 ``r_frac_of_logit_scale`` do not — a median of a union is not a function of the parts'
-medians. They are kept only where exactly one shard reports them, or all that do agree
-(the quality test of a layer computes them over every selected sample, wherever its items
-ran). Shards that split a layer's samples (``--samples 0-9`` / ``10-19``) report different
-medians for it, and merging them raises :class:`MergeError` rather than inventing one.
+medians. They are carried over from the one shard that reports them (a layer's quality
+test runs in exactly one shard of any split, and computes them over every selected sample,
+wherever the layer's items ran). Two shards reporting them for one layer means the shards
+overlap — the same layer validated twice, or its samples split (``--samples 0-9`` /
+``10-19``, whose medians differ) — and merging raises :class:`MergeError` rather than
+double-counting items or inventing a median.
 """
 
 from __future__ import annotations
@@ -116,7 +118,7 @@ def _merge_layer(
     origin: dict[tuple[str, str], str],
 ) -> dict[str, Any]:
     """Layer ``layer`` reported by several shards: counts add, maxima combine, whole-layer
-    statistics must come from one shard or agree."""
+    statistics must come from exactly one shard."""
     out = dict(a)
     for key in ("items", "passed", "failed"):
         out[key] = a[key] + b[key]
@@ -139,6 +141,12 @@ def _merge_layer(
                 f"{name}: the shards validated different samples of this layer, and a median or "
                 "percentile of the whole cannot be computed from the parts' summaries. Shard by "
                 "--layers (one job per layer set, each with every sample)"
+            )
+        else:
+            raise MergeError(
+                f"layer {layer}: {origin[(layer, key)]} and {name} both report its {key}: the "
+                "shards overlap (this layer was validated in both), and merging would count "
+                "its items twice. Give each shard its own --layers"
             )
     return out
 

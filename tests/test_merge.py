@@ -146,6 +146,13 @@ def test_shards_with_different_medians_for_one_layer_are_refused():
         merge_summaries([a, b], ["a.json", "b.json"])
 
 
+def test_overlapping_shards_are_refused_rather_than_counted_twice():
+    a = _summary({"0": _layer()}, layers="0,1")
+    b = _summary({"0": _layer(), "1": _layer()}, layers="all")
+    with pytest.raises(MergeError, match=r"layer 0: a.json and b.json both report .* overlap"):
+        merge_summaries([a, b], ["a.json", "b.json"])
+
+
 def test_shards_of_different_runs_or_settings_are_refused():
     a = _summary({"0": _layer()})
     with pytest.raises(MergeError, match="shards validate different runs"):
