@@ -49,10 +49,6 @@ class HeadLayout:
         """Query heads per key head (1 without grouped-query attention)."""
         return self.n_head // self.n_kv_heads
 
-    def key_head(self, h: int) -> int:
-        """``g(h)``: the key head query head ``h`` reads."""
-        return h // self.group
-
 
 @dataclass(frozen=True)
 class LayerWeights:

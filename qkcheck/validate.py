@@ -200,6 +200,7 @@ class Validator:
         self._groups = _LRU(4)
         self._stats: dict[tuple[int, int], GroupResult] = {}
         self._weights: dict[int, LayerWeights] = {}
+        self._delta_fractions: dict[str, float] | None = None
         self.n_forward = 0
 
     # --- metadata ------------------------------------------------------------------------
@@ -234,17 +235,16 @@ class Validator:
         return self._weights[layer]
 
     def delta_fractions(self) -> dict[str, float]:
-        """``‖Δ‖_F / ‖W‖_F`` per q/k module of the selected layers."""
-        out = {}
-        for layer, sp in self.specs.items():
-            w = self.weights(layer)
-            for path, delta, W_hat in (
-                (sp.q_path, w.delta_Q, w.W_hat_Q),
-                (sp.k_path, w.delta_K, w.W_hat_K),
-            ):
-                W = (W_hat + delta).double()
-                out[path] = float(delta.double().norm() / W.norm().clamp_min(1e-300))
-        return out
+        """``‖Δ‖_F / ‖W‖_F`` per q/k module of the selected layers (computed once)."""
+        if self._delta_fractions is None:
+            out = {}
+            for layer, sp in self.specs.items():
+                w = self.weights(layer)
+                for path, delta in ((sp.q_path, w.delta_Q), (sp.k_path, w.delta_K)):
+                    W = self.run.target_weight(path)[0].double()
+                    out[path] = float(delta.double().norm() / W.norm().clamp_min(1e-300))
+            self._delta_fractions = out
+        return self._delta_fractions
 
     def token_ids(self, sample: int) -> list[int]:
         """Token ids of a selected sample (by its index in the source)."""
