@@ -18,6 +18,7 @@ from torch.nn import functional as F
 
 from qkcheck.errors import CheckpointError, ConfigError, SamplesError, UnsupportedError
 from qkcheck.models.base import AttentionSpec, Capture
+from qkcheck.rotary import RotaryConfig
 
 _MISSING = object()
 #: at most this many problems are spelled out in one CheckpointError
@@ -151,6 +152,24 @@ class TargetModel(nn.Module):
 
     def attention_specs(self) -> list[AttentionSpec]:
         raise NotImplementedError
+
+    def _specs(
+        self, n_head: int, n_kv_heads: int, head_dim: int, rotary: RotaryConfig | None
+    ) -> list[AttentionSpec]:
+        """One spec per layer for blocks ``h.<i>.attn.{q,k}_proj``, scale ``1/sqrt(d_head)``."""
+        return [
+            AttentionSpec(
+                layer=i,
+                q_path=f"h.{i}.attn.q_proj",
+                k_path=f"h.{i}.attn.k_proj",
+                n_head=n_head,
+                n_kv_heads=n_kv_heads,
+                head_dim=head_dim,
+                scale=1.0 / math.sqrt(head_dim),
+                rotary=rotary,
+            )
+            for i in range(self.n_layer)
+        ]
 
     def check_tokens(self, tokens: Tensor) -> None:
         """Raise SamplesError unless ``tokens`` is an integer ``(batch, pos)`` tensor it takes."""

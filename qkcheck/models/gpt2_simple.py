@@ -8,7 +8,6 @@ recorded before the causal mask. Module names are spd's, so its state dicts load
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Self
@@ -152,16 +151,4 @@ class GPT2Simple(TargetModel):
 
     def attention_specs(self) -> list[AttentionSpec]:
         s = self.settings
-        return [
-            AttentionSpec(
-                layer=i,
-                q_path=f"h.{i}.attn.q_proj",
-                k_path=f"h.{i}.attn.k_proj",
-                n_head=s.n_head,
-                n_kv_heads=s.n_head,
-                head_dim=s.head_dim,
-                scale=1.0 / math.sqrt(s.head_dim),
-                rotary=None,
-            )
-            for i in range(s.n_layer)
-        ]
+        return self._specs(s.n_head, s.n_head, s.head_dim, rotary=None)

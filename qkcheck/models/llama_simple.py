@@ -16,7 +16,6 @@ dicts load unchanged.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Self
@@ -241,19 +240,7 @@ class LlamaFamily(TargetModel):
             adjacent_pairs=s.rotary_adjacent_pairs,
             n_ctx=s.n_ctx,
         )
-        return [
-            AttentionSpec(
-                layer=i,
-                q_path=f"h.{i}.attn.q_proj",
-                k_path=f"h.{i}.attn.k_proj",
-                n_head=s.n_head,
-                n_kv_heads=s.n_kv_heads,
-                head_dim=s.head_dim,
-                scale=1.0 / math.sqrt(s.head_dim),
-                rotary=rotary,
-            )
-            for i in range(s.n_layer)
-        ]
+        return self._specs(s.n_head, s.n_kv_heads, s.head_dim, rotary)
 
 
 class LlamaSimple(LlamaFamily):
