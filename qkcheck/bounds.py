@@ -1,4 +1,4 @@
-"""Certified bounds on the residual ``r = ℓ_target − S`` from the weight delta (DESIGN §3).
+"""Certified bounds on the residual ``r = ℓ_target − S`` from the weight delta (docs/design.md §4).
 
 Rotations are orthogonal, so Cauchy–Schwarz gives, per (head h, query i, key j)::
 

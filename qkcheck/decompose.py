@@ -1,6 +1,6 @@
 """Decomposition of one attention layer's pre-softmax logits into SPD components.
 
-Notation (DESIGN §2): query head ``h`` uses key head ``g(h) = h // (n_head / n_kv_heads)``;
+Notation (docs/design.md §2): query head ``h`` uses key head ``g(h) = h // (n_head / n_kv_heads)``;
 ``s`` is the logit scale; ``R_t`` the rotary map at position ``t``. With component
 projections ``q_c = x V_Q U_Q`` (per head), ``k_c`` likewise, biases ``b``, and the weight
 delta ``Δ = W − (V U)ᵀ``, the target logit splits exactly as::

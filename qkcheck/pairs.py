@@ -1,10 +1,10 @@
 """Pair contributions for one item (sample, layer, query position ``i``) and exact top-N.
 
-Weighted mode (DESIGN §2)::
+Weighted mode (docs/design.md §2)::
 
     P[h, c, d, j] = s · a^Q_c(i) · a^K_d(j) · <R_i u^Q_{c,h}, R_j u^K_{d,g(h)}>
 
-Binary mode (DESIGN §4): the weight-only term ``s · <R_i u^Q_{c,h}, R_j u^K_{d,g(h)}>``
+Binary mode (docs/design.md §6): the weight-only term ``s · <R_i u^Q_{c,h}, R_j u^K_{d,g(h)}>``
 where ``CI^Q_c(i) > τ`` and ``CI^K_d(j) > τ``, else 0.
 
 Both factor as ``P[h,c,d,j] = s · <q[h,c], k[g(h),d,j]>`` with a per-side factor

@@ -1,4 +1,4 @@
-"""Figures for one item (DESIGN §6), headless (Agg) and free of global state.
+"""Figures for one item (docs/design.md §8), headless (Agg) and free of global state.
 
 * :func:`combined_figure` — head-mean panel, legend panel, one panel per head. The top-N
   pairs are coloured lines (a pair keeps its colour in every panel and is drawn in a head's

@@ -3,8 +3,8 @@
 For every head and every key position ``j ≤ query_pos``:
 
 * closure — the sum over all (component ∪ {Δ, bias}) pairs equals the target model's own
-  logit within the rounding tolerance (DESIGN §2);
-* bound — ``|r| ≤ B`` for the asserted bound (``--bound``, DESIGN §3).
+  logit within the rounding tolerance (docs/design.md §3);
+* bound — ``|r| ≤ B`` for the asserted bound (``--bound``, docs/design.md §4).
 
 A failure reports the worst head and key, r, B, |r|/B and the closure error; figures for
 failed items go to the artifacts directory (``--plots``).

@@ -62,7 +62,7 @@ PRETRAIN_RUN_ID = "t-qkdemo00"
 PROJECT = "spd"
 MODEL_CLASS = "spd.pretrain.models.llama_simple_mlp.LlamaSimpleMLP"
 SPECIAL_TOKENS = ("[UNK]", "[EOS]")
-#: the demo's budget for ‖Δ‖_F / ‖W‖_F of every q_proj / k_proj (DESIGN §3: "quality")
+#: the demo's budget for ‖Δ‖_F / ‖W‖_F of every q_proj / k_proj (docs/design.md §5)
 DELTA_FRACTION_RANGE = (0.05, 0.20)
 #: the demo's budget for the fraction of lower CI values above CI_THRESHOLD, per q/k module
 MAX_CI_ACTIVE_FRACTION = 0.3

@@ -3,7 +3,7 @@
 A target model is a plain reimplementation of one of SPD's pretrain architectures. Its
 forward pass captures, per layer, the attention input (what ``q_proj``/``k_proj`` receive,
 after the block's pre-attention norm) and the pre-softmax attention logits computed inside
-its own attention module — the independent ground truth of DESIGN §5.
+its own attention module — the independent ground truth of docs/design.md §7.
 """
 
 from __future__ import annotations

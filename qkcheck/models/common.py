@@ -2,7 +2,7 @@
 
 Every target model subclasses :class:`TargetModel`; every attention module subclasses
 :class:`CapturingAttention` and calls :meth:`CapturingAttention.record` with its input and its
-pre-mask scores, so :meth:`TargetModel.capture` gets the model's own logits (DESIGN §5).
+pre-mask scores, so :meth:`TargetModel.capture` gets the model's own logits (docs/design.md §7).
 """
 
 from __future__ import annotations
