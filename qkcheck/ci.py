@@ -104,7 +104,9 @@ def sigmoid(x: Tensor, sigmoid_type: str) -> Tensor:
     """spd's sigmoid of that name applied to pre-sigmoid values ``x``."""
     if sigmoid_type not in _SIGMOIDS:
         raise UnsupportedError(
-            f"sigmoid_type '{sigmoid_type}' is not supported; supported: {', '.join(SIGMOID_TYPES)}"
+            f"sigmoid_type '{sigmoid_type}' is not supported; "
+            f"supported: {', '.join(SIGMOID_TYPES)}",
+            field="sigmoid_type",
         )
     return _SIGMOIDS[sigmoid_type](x)
 
@@ -261,7 +263,7 @@ class CIFunctions:
         for key in (None, *paths):
             if key in self._problems:
                 error = self._problems[key]
-                raise type(error)(str(error))
+                raise type(error)(str(error), field=error.field)
         unknown = [p for p in paths if p not in self._V]
         if unknown:
             raise QKCheckError(
@@ -376,17 +378,22 @@ def build_ci_functions(
 
     if sigmoid_type not in SIGMOID_TYPES:
         problems[None] = UnsupportedError(
-            f"sigmoid_type '{sigmoid_type}' is not supported; supported: {', '.join(SIGMOID_TYPES)}"
+            f"sigmoid_type '{sigmoid_type}' is not supported; "
+            f"supported: {', '.join(SIGMOID_TYPES)}",
+            field="sigmoid_type",
         )
         return finish()
     if not isinstance(ci_config, Mapping):
-        problems[None] = ConfigError(f"{where}: ci_config must be a mapping, got {ci_config!r}")
+        problems[None] = ConfigError(
+            f"{where}: ci_config must be a mapping, got {ci_config!r}", field="ci_config"
+        )
         return finish()
     supported = (*LAYERWISE_FN_TYPES, *GLOBAL_FN_TYPES)
     if fn_type not in supported or (fn_type in GLOBAL_FN_TYPES) != (mode == "global"):
         problems[None] = UnsupportedError(
             f"CI function type '{fn_type}' (mode '{mode}') is not supported; supported: "
-            f"layerwise {', '.join(LAYERWISE_FN_TYPES)}, global {', '.join(GLOBAL_FN_TYPES)}"
+            f"layerwise {', '.join(LAYERWISE_FN_TYPES)}, global {', '.join(GLOBAL_FN_TYPES)}",
+            field="ci_config",
         )
         return finish()
     try:

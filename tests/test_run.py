@@ -248,6 +248,29 @@ def test_an_unknown_ci_type_fails_only_when_ci_is_asked_for(lone_run, genuine_to
         run.causal_importances(genuine_tokens[:1])
 
 
+@pytest.mark.parametrize(
+    ("edit", "field", "message"),
+    [
+        ({"sigmoid_type": "tanh_ish"}, "sigmoid_type", r"sigmoid_type 'tanh_ish' is not supported"),
+        (
+            {"ci_config": {"mode": "layerwise", "fn_type": "global_shared_mlp"}},
+            "ci_config",
+            r"CI function type 'global_shared_mlp' \(mode 'layerwise'\)",
+        ),
+    ],
+)
+def test_an_unsupported_ci_setting_names_its_field_as_data(
+    lone_run, genuine_tokens, edit, field, message
+):
+    _edit_config(lone_run, **edit)
+    run = load_run(lone_run, pretrain=GENUINE_PRETRAIN_DIR)
+    with pytest.raises(
+        UnsupportedError, match=rf"final_config.yaml: field '{field}': {message}"
+    ) as e:
+        run.causal_importances(genuine_tokens[:1])
+    assert e.value.field == field
+
+
 def test_a_checkpoint_without_target_weights_takes_them_from_the_pretrain_run(
     lone_run, genuine_run, genuine_tokens
 ):

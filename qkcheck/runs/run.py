@@ -261,8 +261,8 @@ class Run:
         try:
             return self.ci_functions.lower(inputs, list(paths) if paths is not None else None)
         except UnsupportedError as e:
-            field = "sigmoid_type" if str(e).startswith("sigmoid_type") else "ci_config"
-            raise UnsupportedError(f"{self.config.path}: field '{field}': {e}") from e
+            field = e.field or "ci_config"
+            raise UnsupportedError(f"{self.config.path}: field '{field}': {e}", field=field) from e
 
     # --- samples and labels ------------------------------------------------------------------
 
