@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 
 from qkcheck.errors import ConfigError
-from qkcheck.report import write_atomic
+from qkcheck.util import write_atomic
 
 #: metrics compared against a baseline (all "smaller is better")
 GATED = ("median_abs_r", "p99_abs_r", "worst_ratio", "r_frac_of_logit_scale", "delta_q", "delta_k")

@@ -14,8 +14,6 @@ Both are written atomically (temporary file, then rename) and always closed.
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +22,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import Tensor
+
+from qkcheck.util import atomic_path
 
 MAX_TICK_LABELS = 48
 
@@ -226,15 +226,9 @@ def validation_figure(data: ItemPlotData, component_sum: np.ndarray, target: np.
 
 def save_figure(fig: Figure, path: Path, dpi: int = 110) -> Path:
     """Write ``fig`` to ``path`` atomically (temp file + rename) and release it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fig.savefig(fh, dpi=dpi, format=path.suffix.lstrip(".") or "png")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=dpi, format=path.suffix.lstrip(".") or "png")
     finally:
         fig.clear()
     return path

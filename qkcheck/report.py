@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
+
+from qkcheck.util import write_atomic
 
 
 def build_summary(
@@ -114,16 +114,3 @@ def format_table(summary: Mapping[str, Any]) -> list[str]:
 def write_json(data: Any, path: Path) -> Path:
     """Write ``data`` as JSON to ``path`` atomically (temporary file, then rename)."""
     return write_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
-
-
-def write_atomic(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
