@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 
 from qkcheck.errors import ConfigError
-from qkcheck.util import write_atomic
+from qkcheck.util import safe_name, write_atomic
 
 #: metrics compared against a baseline (all "smaller is better")
 GATED = ("median_abs_r", "p99_abs_r", "worst_ratio", "r_frac_of_logit_scale", "delta_q", "delta_k")
@@ -24,11 +24,7 @@ ABS_SLACK = 1e-6
 
 
 def baseline_path(root: Path, name: str, layer: int) -> Path:
-    return root / _safe(name) / f"L{layer}.yml"
-
-
-def _safe(name: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in name)
+    return root / safe_name(name) / f"L{layer}.yml"
 
 
 def dump(stats: Mapping[str, float], path: Path) -> None:

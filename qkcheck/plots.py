@@ -23,7 +23,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from qkcheck.util import atomic_path
+from qkcheck.util import atomic_path, safe_name
 
 MAX_TICK_LABELS = 48
 
@@ -58,11 +58,7 @@ class ItemPlotData:
         return self.total.shape[0]
 
     def stem(self) -> str:
-        return f"{_safe(self.run)}_L{self.layer}_S{self.sample}_Q{self.query_pos}"
-
-
-def _safe(name: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in name)
+        return f"{safe_name(self.run)}_L{self.layer}_S{self.sample}_Q{self.query_pos}"
 
 
 def _colors(n: int) -> list:

@@ -232,7 +232,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if state.settings is None:
         require_run_id(metafunc.config)
     v = state.validator
-    from qkcheck.validate import item_id
+    from qkcheck.util import item_id
 
     if "qk_item" in names:
         params = [

@@ -23,7 +23,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from qkcheck.util import write_atomic
+from qkcheck.util import item_id, write_atomic
 
 
 def build_summary(
@@ -53,7 +53,7 @@ def build_summary(
         row["passed" if it["passed"] else "failed"] += 1
         if it["ratio"] > row["worst_ratio"]:
             row["worst_ratio"] = it["ratio"]
-            row["worst_item"] = f"L{it['layer']}-S{it['sample']}-Q{it['query_pos']}"
+            row["worst_item"] = item_id(it["layer"], it["sample"], it["query_pos"])
         row["max_closure_error"] = max(row["max_closure_error"], it["closure_error"])
     for layer, q in layers.items():
         row = per_layer.setdefault(

@@ -27,13 +27,9 @@ from qkcheck.decompose import (
 )
 from qkcheck.models.base import AttentionSpec, Capture
 from qkcheck.settings import Settings
+from qkcheck.util import item_id
 
 Item = tuple[int, int, int]  # (layer, sample, query_pos)
-
-
-def item_id(layer: int, sample: int, query_pos: int) -> str:
-    """Test id of an item, e.g. ``L1-S3-Q17`` (select with ``-k``)."""
-    return f"L{layer}-S{sample}-Q{query_pos}"
 
 
 @dataclass(frozen=True)
