@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from qkcheck.errors import QKCheckError
+from qkcheck.report import totals
 
 #: settings that may differ between shards of one validation
 SHARD_SETTINGS = ("layers", "artifacts_dir")
@@ -71,15 +72,10 @@ def merge_summaries(
                 continue
             layers[layer] = _merge_layer(layers[layer], row, layer, name, origin)
 
-    rows = layers.values()
     return {
         "run": summaries[0]["run"],
         "settings": settings,
-        "totals": {
-            "items": sum(r["items"] for r in rows),
-            "passed": sum(r["passed"] for r in rows),
-            "failed": sum(r["failed"] for r in rows),
-        },
+        "totals": totals(layers.values()),
         "layers": {k: layers[k] for k in sorted(layers, key=int)},
         "figures": {
             "paths": sorted({p for s in summaries for p in s["figures"]["paths"]}),

@@ -74,18 +74,19 @@ def build_summary(
         for key in ("median_abs_r", "p99_abs_r", "r_frac_of_logit_scale", "delta_q", "delta_k"):
             row.setdefault(key, None)
     settings_text = {k: str(v) for k, v in dataclasses.asdict(settings).items()} if settings else {}
-    rows = per_layer.values()
     return {
         "run": run,
         "settings": settings_text,
-        "totals": {
-            "items": sum(r["items"] for r in rows),
-            "passed": sum(r["passed"] for r in rows),
-            "failed": sum(r["failed"] for r in rows),
-        },
+        "totals": totals(per_layer.values()),
         "layers": {str(k): per_layer[k] for k in sorted(per_layer)},
         "figures": {"paths": sorted(figures), "left_out": left_out},
     }
+
+
+def totals(rows: Iterable[Mapping[str, Any]]) -> dict[str, int]:
+    """The summary's ``totals`` block: items, passed and failed summed over per-layer rows."""
+    rows = list(rows)
+    return {key: sum(r[key] for r in rows) for key in ("items", "passed", "failed")}
 
 
 def format_table(summary: Mapping[str, Any]) -> list[str]:
