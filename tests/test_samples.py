@@ -19,7 +19,6 @@ from qkcheck.samples import (
     check_tokens,
     dataset_samples,
     find_tokenizer,
-    load_samples,
     read_text_file,
 )
 from tests.conftest import GENUINE_PRETRAIN_DIR, GENUINE_RUN_DIR, GENUINE_RUN_ID
@@ -81,7 +80,7 @@ def test_bad_tokens_name_the_source_and_the_rule(tokens, message):
 def test_token_files_load(tmp_path, genuine_run, genuine_tokens, write):
     write(tmp_path / "samples", genuine_tokens[:3])
     path = next(tmp_path.iterdir())
-    assert torch.equal(load_samples(genuine_run, path), genuine_tokens[:3])
+    assert torch.equal(genuine_run.load_samples(path).tokens, genuine_tokens[:3])
 
 
 def test_a_token_file_dict_without_tokens_is_refused(tmp_path, genuine_run):
@@ -90,7 +89,7 @@ def test_a_token_file_dict_without_tokens_is_refused(tmp_path, genuine_run):
         SamplesError,
         match=r"s.pt: a dict of samples needs a 'tokens' or 'input_ids' key, got keys \['ids'\]",
     ):
-        load_samples(genuine_run, tmp_path / "s.pt")
+        genuine_run.load_samples(tmp_path / "s.pt")
 
 
 def test_an_out_of_vocabulary_file_names_the_file(tmp_path, genuine_run):
@@ -98,7 +97,7 @@ def test_an_out_of_vocabulary_file_names_the_file(tmp_path, genuine_run):
     with pytest.raises(
         SamplesError, match=r"s.npy: token id 700 at sample 0, position 0 is out of vocabulary"
     ):
-        load_samples(genuine_run, tmp_path / "s.npy")
+        genuine_run.load_samples(tmp_path / "s.npy")
 
 
 @pytest.mark.parametrize(
@@ -118,12 +117,12 @@ def test_unreadable_or_unknown_sample_files_are_refused(
 ):
     (tmp_path / name).write_bytes(content)
     with pytest.raises(SamplesError, match=message):
-        load_samples(genuine_run, tmp_path / name)
+        genuine_run.load_samples(tmp_path / name)
 
 
 def test_a_missing_samples_file_is_named(tmp_path, genuine_run):
     with pytest.raises(SamplesError, match=r"nope.pt: no such samples file"):
-        load_samples(genuine_run, tmp_path / "nope.pt")
+        genuine_run.load_samples(tmp_path / "nope.pt")
 
 
 # --- text ------------------------------------------------------------------------------------
@@ -131,7 +130,7 @@ def test_a_missing_samples_file_is_named(tmp_path, genuine_run):
 
 def test_text_lines_are_tokenized_and_cut_to_the_shortest(tmp_path, genuine_run):
     (tmp_path / "s.txt").write_text("t5 t7 t9 t11\n\nt2 t3 nonsense\n")
-    tokens = load_samples(genuine_run, tmp_path / "s.txt")
+    tokens = genuine_run.load_samples(tmp_path / "s.txt").tokens
     assert tokens.tolist() == [[5, 7, 9], [2, 3, 0]]  # unknown words are [UNK] = 0
 
 
@@ -155,7 +154,7 @@ def test_text_needs_a_tokenizer(tmp_path):
         SamplesError,
         match=r"s.txt: tokenizing text needs the run's tokenizer.json, and none was found",
     ):
-        load_samples(run, tmp_path / "s.txt")
+        run.load_samples(tmp_path / "s.txt")
 
 
 # --- the run's samples and dataset -----------------------------------------------------------
@@ -167,7 +166,7 @@ def test_a_run_ships_its_samples_as_samples_pt(tmp_path, genuine_tokens):
     torch.save(genuine_tokens[:4].clone(), run_dir / "samples.pt")
     run = load_run(run_dir, pretrain=GENUINE_PRETRAIN_DIR)
     assert run.files.samples == run_dir / "samples.pt"
-    assert torch.equal(load_samples(run), genuine_tokens[:4])
+    assert torch.equal(run.load_samples().tokens, genuine_tokens[:4])
 
 
 def test_the_dataset_needs_the_datasets_package(monkeypatch, genuine_run):
@@ -177,7 +176,7 @@ def test_the_dataset_needs_the_datasets_package(monkeypatch, genuine_run):
         match=r"reading the run's dataset needs the `datasets` package: "
         r"pip install 'qkcheck\[datasets\]'",
     ):
-        load_samples(genuine_run, "dataset")
+        genuine_run.load_samples("dataset")
 
 
 def test_the_dataset_is_read_from_a_local_dataset_directory(tmp_path):
