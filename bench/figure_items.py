@@ -92,12 +92,11 @@ def main(argv: list[str] | None = None) -> None:
 
     import qkcheck.figures as figures
     from qkcheck.runs import load_run
-    from qkcheck.samples import load_samples
     from qkcheck.settings import Selection, Settings
     from qkcheck.validate import Validator
 
     run = load_run(a.run)
-    tokens = load_samples(run, None)
+    tokens = run.load_samples().tokens
     ids = list(range(a.samples))
     settings = Settings(
         run_id=a.run, samples=Selection(count=a.samples), query_pos=Selection(last=True)

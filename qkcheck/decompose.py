@@ -80,10 +80,15 @@ class LayerWeights:
         b_Q: Tensor | None = None,
         b_K: Tensor | None = None,
     ) -> LayerWeights:
-        """Derive the deltas from the target weights (computed in float64, then cast)."""
+        """Derive the deltas from the target weights, computed and kept in float64.
+
+        ``Δ`` is never rounded to the weights' own dtype: for bf16/fp16 target weights that
+        rounding is as large as ``Δ``'s own small entries and would break closure.
+        :meth:`to` casts it to the decomposition's precision.
+        """
 
         def delta(W: Tensor, V: Tensor, U: Tensor) -> Tensor:
-            return (W.double() - (V.double() @ U.double()).T).to(W.dtype)
+            return W.double() - (V.double() @ U.double()).T
 
         return cls(V_Q, U_Q, V_K, U_K, delta(W_Q, V_Q, U_Q), delta(W_K, V_K, U_K), b_Q, b_K)
 

@@ -12,9 +12,13 @@ across shards (sums and maxima), but its ``median_abs_r``, ``p99_abs_r`` and
 ``r_frac_of_logit_scale`` do not — a median of a union is not a function of the parts'
 medians. They are carried over from the one shard that reports them (a layer's quality
 test runs in exactly one shard of any split, and computes them over every selected sample,
-wherever the layer's items ran). Two shards reporting them for one layer means the shards
-overlap — the same layer validated twice, or its samples split (``--samples 0-9`` /
-``10-19``, whose medians differ) — and merging raises :class:`MergeError` rather than
+wherever the layer's items ran). A layer's items may come from several shards only when
+each shard's summary row lists the ``samples`` it covered and those lists are disjoint;
+otherwise two shards holding one layer overlap and merging raises :class:`MergeError`
+(exit 2) naming the layer and both shards — item-only rows included. Two shards
+reporting whole-layer statistics for one layer means the shards overlap — the same
+layer validated twice, or its samples split (``--samples 0-9`` / ``10-19``, whose
+medians differ) — and merging raises :class:`MergeError` rather than
 double-counting items or inventing a median.
 """
 
@@ -66,11 +70,13 @@ def merge_summaries(
         for layer, row in s["layers"].items():
             if layer not in layers:
                 layers[layer] = dict(row)
+                origin[(layer, "items")] = name
                 origin.update(
                     {(layer, k): name for k in WHOLE_LAYER_STATS if row.get(k) is not None}
                 )
                 continue
             layers[layer] = _merge_layer(layers[layer], row, layer, name, origin)
+            origin[(layer, "items")] = f"{origin[(layer, 'items')]} and {name}"
 
     return {
         "run": summaries[0]["run"],
@@ -144,6 +150,22 @@ def _merge_layer(
                 "shards overlap (this layer was validated in both), and merging would count "
                 "its items twice. Give each shard its own --layers"
             )
+    covered_a, covered_b = a.get("samples"), b.get("samples")
+    if covered_a is None or covered_b is None:
+        raise MergeError(
+            f"layer {layer}: {origin.get((layer, 'items'), 'an earlier shard')} and {name} both "
+            "validated it and their summaries do not say which samples each covered, so the "
+            "shards overlap as far as merging can tell; merging would count its items twice. "
+            "Give each shard its own --layers"
+        )
+    both = sorted(set(covered_a) & set(covered_b))
+    if both:
+        raise MergeError(
+            f"layer {layer}: {origin.get((layer, 'items'), 'an earlier shard')} and {name} both "
+            f"validated samples {both[:5]}{'…' if len(both) > 5 else ''} of it: the shards "
+            "overlap, and merging would count those items twice"
+        )
+    out["samples"] = sorted({*covered_a, *covered_b})
     return out
 
 

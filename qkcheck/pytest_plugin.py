@@ -161,11 +161,13 @@ class _State:
 def build_validator(settings):
     """Load the run and its samples and build the :class:`~qkcheck.validate.Validator`."""
     from qkcheck.runs import load_run
-    from qkcheck.samples import load_samples
     from qkcheck.validate import Validator
 
     run = load_run(settings.run_id)
-    tokens = load_samples(run, settings.samples_file)
+    samples = run.load_samples(settings.samples_file)
+    if samples.note:  # printed before the header (xdist workers' stdout is not shown)
+        print(f"qkcheck: {samples.note}")
+    tokens = samples.tokens
     ids = settings.samples.resolve(tokens.shape[0], "samples", "--samples")
     return Validator(run, tokens[ids], ids, settings)
 

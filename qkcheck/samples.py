@@ -1,23 +1,32 @@
-"""Samples (token ids, ``batch pos``) for a run, and token strings for plot labels.
+r"""Samples (token ids, ``batch pos``) and token strings for plot labels: leaf readers.
 
-Where samples come from (:func:`load_samples`):
+Where samples come from (:meth:`qkcheck.runs.run.Run.load_samples` picks one):
 
-* a file of token ids, ``.pt`` (a tensor, or a dict with ``"tokens"``/``"input_ids"``) or
-  ``.npy``, shape ``(n, T)``;
-* a ``.txt`` file, one sample per line, tokenized with the run's tokenizer (the ``tokenizers``
-  package); lines are cut to the shortest line's length so they stack into ``(n, T)``;
-* ``"dataset"``: the run's own ``task_config`` dataset, through the ``datasets`` package;
+* a file of token ids (:func:`read_token_file`), ``.pt`` (a tensor, or a dict with
+  ``"tokens"``/``"input_ids"``) or ``.npy``, shape ``(n, T)``, of any integer dtype
+  (int8…int64, uint8…uint64, either byte order) whose values are valid ids;
+* a ``.txt`` file (:func:`read_text_file`), UTF-8 (a BOM is dropped), one sample per line —
+  lines end at ``\n`` only (a trailing ``\r`` is dropped), never at the other characters
+  ``str.splitlines`` breaks on (``\x0c``, ``\u2028``…) — tokenized with the run's tokenizer
+  (the ``tokenizers`` package); lines are cut to the shortest line's length so they stack
+  into ``(n, T)``, and the returned :class:`Samples` says so in its ``note``;
+* ``"dataset"``: the run's own ``task_config`` dataset (:func:`dataset_samples`), through
+  the ``datasets`` package;
 * the samples file a run ships (``samples.pt`` in the run directory; the demo run has one).
 
 Every path ends in :func:`check_tokens`: integer ids in ``[0, vocab_size)``, at most
-``n_ctx`` per sample, else a :class:`~qkcheck.errors.SamplesError` naming the source.
+``n_ctx`` per sample, as int64, else a one-line :class:`~qkcheck.errors.SamplesError`
+naming the source. Nothing here knows about runs.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
+import re
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,32 +39,88 @@ from qkcheck.errors import SamplesError
 
 if TYPE_CHECKING:
     from qkcheck.runs.config import TaskConfig
-    from qkcheck.runs.run import Run
 
 TOKEN_FILE_SUFFIXES = (".pt", ".npy")
 TEXT_SUFFIXES = (".txt",)
+#: what a token file may hold, for messages
+_INTEGER_DTYPES = "int8, int16, int32, int64, uint8, uint16, uint32 or uint64"
+_INT64_MAX = np.iinfo(np.int64).max
+
+
+@dataclass(frozen=True)
+class Samples:
+    """Checked token ids ``(batch, pos)`` (int64), where they came from, and a note the user
+    should read (e.g. that text lines were cut to one length), or None."""
+
+    tokens: Tensor
+    source: str
+    note: str | None = None
+
+
+def as_token_ids(tokens: Any, source: str = "tokens") -> Tensor:
+    """``tokens`` (a tensor or numpy array of any integer dtype) as an int64 tensor.
+
+    Anything else — floats, bools, strings, objects, sparse or quantized tensors, integer
+    values beyond int64 — is a one-line SamplesError naming ``source``, what it got and what
+    it expects.
+    """
+    expected = "expected integer token ids of shape (n, T)"
+    dtypes = f"; token ids may be {_INTEGER_DTYPES}"
+    if isinstance(tokens, Tensor):
+        if tokens.layout != torch.strided:
+            raise SamplesError(
+                f"{source}: got a {tokens.layout} tensor; {expected} as a dense tensor (a sparse "
+                "tensor's implicit zeros would silently be token 0)"
+            )
+        if tokens.is_quantized or tokens.is_nested or tokens.is_meta:
+            kind = "quantized" if tokens.is_quantized else "nested" if tokens.is_nested else "meta"
+            raise SamplesError(f"{source}: got a {kind} tensor; {expected}")
+        if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
+            raise SamplesError(
+                f"{source}: {expected}, got {tokens.dtype} {tuple(tokens.shape)}{dtypes}"
+            )
+        if tokens.dtype in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8):
+            return tokens.detach().to(device="cpu", dtype=torch.int64)
+        try:
+            tokens = tokens.detach().cpu().numpy()  # uint16/32/64: torch lacks their comparisons
+        except (TypeError, RuntimeError):
+            raise SamplesError(
+                f"{source}: {expected}, got {tokens.dtype} {tuple(tokens.shape)}{dtypes}"
+            ) from None
+    if not isinstance(tokens, np.ndarray):
+        raise SamplesError(
+            f"{source}: expected a tensor of token ids (n, T), got {type(tokens).__name__}"
+        )
+    if tokens.dtype.kind not in "iu":
+        raise SamplesError(
+            f"{source}: {expected}, got a numpy array of dtype {tokens.dtype.name} "
+            f"{tuple(tokens.shape)}{dtypes}"
+        )
+    if tokens.dtype.kind == "u" and tokens.dtype.itemsize == 8 and tokens.size:
+        big = tokens > _INT64_MAX
+        if big.any():
+            where = tuple(int(i) for i in np.argwhere(big)[0])
+            raise SamplesError(
+                f"{source}: token id {int(tokens[where])} at index {where} does not fit int64; "
+                "token ids must be small non-negative integers"
+            )
+    return torch.from_numpy(np.ascontiguousarray(tokens.astype(np.int64)))
 
 
 def check_tokens(tokens: Any, *, vocab_size: int, n_ctx: int, source: str = "tokens") -> Tensor:
     """``tokens`` as an int64 ``(batch, pos)`` tensor, or SamplesError naming ``source``.
 
-    A 1-D sequence is taken as one sample.
+    A 1-D sequence is taken as one sample. Every integer dtype is accepted (see
+    :func:`as_token_ids`); the range check runs in int64, so a uint8 file is not misread.
     """
-    if isinstance(tokens, np.ndarray):
-        tokens = torch.from_numpy(tokens)
-    if not isinstance(tokens, Tensor):
-        raise SamplesError(
-            f"{source}: expected a tensor of token ids (n, T), got {type(tokens).__name__}"
-        )
+    tokens = as_token_ids(tokens, source)
     if tokens.ndim == 1:
         tokens = tokens[None]
-    if tokens.ndim != 2 or tokens.dtype.is_floating_point or tokens.dtype.is_complex:
+    if tokens.ndim != 2:
         raise SamplesError(
             f"{source}: expected integer token ids of shape (n, T), got {tokens.dtype} "
             f"{tuple(tokens.shape)}"
         )
-    if tokens.dtype == torch.bool:
-        raise SamplesError(f"{source}: expected integer token ids, got a bool tensor")
     if tokens.shape[0] == 0 or tokens.shape[1] == 0:
         raise SamplesError(f"{source}: no tokens (shape {tuple(tokens.shape)})")
     if tokens.shape[1] > n_ctx:
@@ -71,20 +136,13 @@ def check_tokens(tokens: Any, *, vocab_size: int, n_ctx: int, source: str = "tok
             f"is out of vocabulary: ids must lie in [0, {vocab_size}) "
             f"({int(bad.sum())} such ids)"
         )
-    return tokens.to(torch.int64)
+    return tokens
 
 
 def read_token_file(path: Path, *, vocab_size: int, n_ctx: int) -> Tensor:
-    """Token ids from a ``.pt`` or ``.npy`` file, checked."""
-    if not path.is_file():
-        raise SamplesError(f"{path}: no such samples file")
-    try:
-        if path.suffix == ".npy":
-            data: Any = np.load(path, allow_pickle=False)
-        else:
-            data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise SamplesError(f"{path}: unreadable samples file: {type(e).__name__}: {e}") from e
+    """Token ids from a ``.pt`` or ``.npy`` file, checked (weights-only / no-pickle loads)."""
+    _check_is_file(path)
+    data = _load_npy(path) if path.suffix == ".npy" else _load_pt(path)
     if isinstance(data, Mapping):
         key = next((k for k in ("tokens", "input_ids") if k in data), None)
         if key is None:
@@ -96,12 +154,82 @@ def read_token_file(path: Path, *, vocab_size: int, n_ctx: int) -> Tensor:
     return check_tokens(data, vocab_size=vocab_size, n_ctx=n_ctx, source=str(path))
 
 
-def read_text_file(path: Path, tokenizer: Path, *, vocab_size: int, n_ctx: int) -> Tensor:
-    """One sample per non-empty line, tokenized, cut to the shortest line's length."""
+def _load_pt(path: Path) -> Any:
+    """``torch.load(weights_only=True)``; torch's advice to retry with ``weights_only=False``
+    (which runs the file's code) is never passed on."""
     try:
-        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        what = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if what is None:  # not a pickle torch wrote: say what the bytes are
+            raise SamplesError(f"{path}: unreadable samples file: {_head(path)}") from None
+        raise SamplesError(
+            f"{path}: refused to load: the file is a pickle that needs code execution (it "
+            f"references {what.group(1)}); qkcheck reads samples with "
+            "torch.load(weights_only=True) only. Expected a tensor of token ids, or a dict with "
+            "'tokens' or 'input_ids'"
+        ) from None
+    except Exception as e:  # RuntimeError, EOFError... on a broken archive
+        raise SamplesError(f"{path}: unreadable samples file: {_head(path)}") from e
+
+
+def _load_npy(path: Path) -> Any:
+    """``np.load(allow_pickle=False)``; numpy's advice to load pickled data unsafely is never
+    passed on."""
+    with path.open("rb") as f:
+        magic = f.read(6)
+    if magic != b"\x93NUMPY":
+        raise SamplesError(f"{path}: unreadable samples file: not a .npy file ({_head(path)})")
+    try:
+        return np.load(path, allow_pickle=False)
+    except ValueError as e:
+        if "allow_pickle" in str(e) or "pickled" in str(e):
+            raise SamplesError(
+                f"{path}: the array holds Python objects (dtype object), which qkcheck never "
+                "unpickles; expected integer token ids"
+            ) from None
+        raise SamplesError(f"{path}: unreadable samples file: {_first_line(e)}") from e
+    except Exception as e:
+        raise SamplesError(f"{path}: unreadable samples file: {_first_line(e)}") from e
+
+
+def _head(path: Path) -> str:
+    with path.open("rb") as f:
+        head = f.read(8)
+    if not head:
+        return "the file is empty (0 bytes)"
+    if head.startswith(b"PK"):
+        return f"a damaged torch.save archive ({path.stat().st_size} bytes; truncated?)"
+    return f"not a file written by torch.save or np.save (starts with {head!r})"
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def _check_is_file(path: Path) -> None:
+    if path.is_dir():
+        raise SamplesError(f"{path}: is a directory; expected a samples file")
+    if not path.is_file():
+        raise SamplesError(f"{path}: no such samples file")
+
+
+def text_lines(text: str) -> list[str]:
+    r"""The non-blank lines of a text: split at ``\n`` only, a leading BOM and each line's
+    trailing ``\r`` dropped. Form feeds, ``\u2028`` and the like stay inside their line."""
+    lines = text.removeprefix("\ufeff").split("\n")
+    return [line.removesuffix("\r") for line in lines if line.strip()]
+
+
+def read_text_file(path: Path, tokenizer: Path, *, vocab_size: int, n_ctx: int) -> Samples:
+    """One sample per non-blank line (see :func:`text_lines`), tokenized, cut to the shortest
+    line's length; the note says how many lines were cut, and to what length."""
+    _check_is_file(path)
+    try:
+        lines = text_lines(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as e:
-        raise SamplesError(f"{path}: cannot read samples text: {e}") from e
+        raise SamplesError(f"{path}: cannot read samples text (UTF-8 expected): {e}") from e
     if not lines:
         raise SamplesError(f"{path}: no non-empty lines to tokenize")
     encode = _encoder(tokenizer)
@@ -112,9 +240,42 @@ def read_text_file(path: Path, tokenizer: Path, *, vocab_size: int, n_ctx: int) 
                 f"{path}: line {i + 1} has {len(row)} tokens, longer than the model's context "
                 f"n_ctx={n_ctx}; shorten it"
             )
+        if not row:
+            raise SamplesError(f"{path}: line {i + 1} gives no tokens")
     length = min(len(row) for row in ids)
+    cut = sum(len(row) > length for row in ids)
+    note = None
+    if cut:
+        note = (
+            f"{path}: {cut} of {len(ids)} lines cut to {length} tokens, the shortest line's "
+            f"length (the longest had {max(len(row) for row in ids)})"
+        )
     tokens = torch.tensor([row[:length] for row in ids], dtype=torch.int64)
-    return check_tokens(tokens, vocab_size=vocab_size, n_ctx=n_ctx, source=str(path))
+    checked = check_tokens(tokens, vocab_size=vocab_size, n_ctx=n_ctx, source=str(path))
+    return Samples(checked, str(path), note)
+
+
+def read_samples_file(
+    path: Path, *, vocab_size: int, n_ctx: int, tokenizer: Path | None, no_tokenizer: str = ""
+) -> Samples:
+    """Samples from a token file or a text file, by suffix. ``no_tokenizer``: where a missing
+    tokenizer was looked for, for the message a text file then gets."""
+    limits = {"vocab_size": vocab_size, "n_ctx": n_ctx}
+    if path.suffix in TOKEN_FILE_SUFFIXES:
+        return Samples(read_token_file(path, **limits), str(path))
+    if path.suffix in TEXT_SUFFIXES:
+        _check_is_file(path)
+        if tokenizer is None:
+            raise SamplesError(
+                f"{path}: tokenizing text needs the run's tokenizer.json, and none was found"
+                f"{f' ({no_tokenizer})' if no_tokenizer else ''}; pass token ids (.pt/.npy) "
+                "instead"
+            )
+        return read_text_file(path, tokenizer, **limits)
+    raise SamplesError(
+        f"{path}: unknown samples format {path.suffix!r}; expected one of "
+        f"{[*TOKEN_FILE_SUFFIXES, *TEXT_SUFFIXES]} or 'dataset'"
+    )
 
 
 def dataset_samples(
@@ -189,49 +350,6 @@ def _take_rows(
         if len(rows) == n:
             break
     return rows
-
-
-def load_samples(
-    run: Run,
-    source: str | os.PathLike[str] | None = None,
-    *,
-    n: int = 8,
-    seq_len: int | None = None,
-) -> Tensor:
-    """Samples for ``run``: from ``source`` (a file or ``"dataset"``), else the run's own.
-
-    ``n``/``seq_len`` apply to the dataset (``seq_len`` defaults to the smaller of the
-    task's ``max_seq_len`` and the model's ``n_ctx``).
-    """
-    limits = {"vocab_size": run.vocab_size, "n_ctx": run.n_ctx}
-    if source is None and run.samples is not None:
-        return run.samples
-    if source is None or os.fspath(source) == "dataset":
-        task = run.config.task_config
-        if task is None:
-            raise SamplesError(
-                f"{run.config.path}: no task_config to read a dataset from; pass a samples file"
-            )
-        length = seq_len or min(task.max_seq_len, run.n_ctx)
-        return dataset_samples(task, n=n, seq_len=length, tokenizer=run.files.tokenizer, **limits)
-    path = Path(source).expanduser()
-    if path.suffix in TOKEN_FILE_SUFFIXES:
-        return read_token_file(path, **limits)
-    if path.suffix in TEXT_SUFFIXES:
-        if not path.is_file():
-            raise SamplesError(f"{path}: no such samples file")
-        tokenizer = run.files.tokenizer
-        if tokenizer is None:
-            raise SamplesError(
-                f"{path}: tokenizing text needs the run's tokenizer.json, and none was found "
-                f"(looked in {run.files.pretrain_dir} and for tokenizer_name "
-                f"{run.config.tokenizer_name!r}); pass token ids (.pt/.npy) instead"
-            )
-        return read_text_file(path, tokenizer, **limits)
-    raise SamplesError(
-        f"{path}: unknown samples format {path.suffix!r}; expected one of "
-        f"{[*TOKEN_FILE_SUFFIXES, *TEXT_SUFFIXES]} or 'dataset'"
-    )
 
 
 # --- tokenizers ------------------------------------------------------------------------------

@@ -6,6 +6,8 @@ Parsing is separate from pytest so it can be tested plainly; every bad value rai
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -41,8 +43,12 @@ class Selection:
         if self.indices is not None:
             bad = [i for i in self.indices if not 0 <= i < n]
             if bad:
+                shown = bad if len(bad) <= 5 else [*bad[:3], "…", bad[-1]]
+                listed = f"[{', '.join(map(str, shown))}]" + (
+                    f" ({len(bad)} indices)" if len(bad) > 5 else ""
+                )
                 raise OptionError(
-                    f"{option}: {what} {bad} out of range; this run has {n} {what} (0..{n - 1})"
+                    f"{option}: {what} {listed} out of range; this run has {n} {what} (0..{n - 1})"
                 )
             return list(self.indices)
         if self.count is not None:
@@ -83,36 +89,75 @@ class Settings:
         return self.artifacts_dir or Path("qk-artifacts") / run_name
 
 
+#: the most indices one selection may name (a range beyond any run's size is a typo; the
+#: run's real size is checked later by :meth:`Selection.resolve`)
+MAX_INDEX = 1_000_000
+#: an index list, its parts split at commas: ``3`` or ``0-7`` with ASCII digits only
+_PART = re.compile(r"^([0-9]+)(?:-([0-9]+))?$")
+
+
 def parse_indices(text: str, option: str) -> tuple[int, ...]:
-    """``"3"``, ``"0,2,5"`` or ranges ``"0-7,12"`` → indices, in order, without repeats."""
-    out: list[int] = []
-    try:
-        for part in text.split(","):
-            part = part.strip()
-            if "-" in part:
-                lo, hi = (int(p) for p in part.split("-", 1))
-                if hi < lo:
-                    raise ValueError
-                out.extend(range(lo, hi + 1))
-            else:
-                out.append(int(part))
-    except ValueError:
-        raise OptionError(
-            f"{option}: {text!r} is not a list of indices; expected e.g. 3, 0,2,5 or 0-7"
-        ) from None
-    if any(i < 0 for i in out):
-        raise OptionError(f"{option}: {text!r} has a negative index")
-    return tuple(dict.fromkeys(out))
+    """``"3"``, ``"0,2,5"`` or ranges ``"0-7,12"`` → indices, in order, without repeats.
+
+    Only ASCII digits count (``int`` and ``str.isdigit`` accept ``'³'`` or ``'٣'``);
+    indices above :data:`MAX_INDEX` are refused before any range is expanded.
+    """
+    bounds: list[tuple[int, int]] = []
+    for raw in text.split(","):
+        part = raw.strip()
+        m = _PART.match(part)
+        if m is None:
+            if part.startswith("-") and _PART.match(part[1:]):
+                raise OptionError(f"{option}: {text!r} has a negative index")
+            raise OptionError(
+                f"{option}: {_short(text)!r} is not a list of indices; expected e.g. 3, 0,2,5 "
+                "or 0-7"
+            )
+        lo = _bounded_int(m.group(1))
+        hi = _bounded_int(m.group(2)) if m.group(2) is not None else lo
+        if hi < lo:
+            raise OptionError(
+                f"{option}: {text!r} is not a list of indices; expected e.g. 3, 0,2,5 or 0-7 "
+                f"(range {part} runs backwards)"
+            )
+        if hi > MAX_INDEX:
+            digits = m.group(m.lastindex or 1).lstrip("0")
+            shown = digits if len(digits) <= 12 else f"{digits[:12]}…"
+            raise OptionError(
+                f"{option}: index {shown} in {_short(text)!r} is too large; indices must lie in "
+                f"[0, {MAX_INDEX}] (and within the run)"
+            )
+        bounds.append((lo, hi))
+    out: dict[int, None] = {}
+    for lo, hi in bounds:
+        out.update(dict.fromkeys(range(lo, hi + 1)))
+    return tuple(out)
+
+
+def _bounded_int(digits: str) -> int:
+    """ASCII digits as an int, capped just above :data:`MAX_INDEX` (so a 5000-digit index
+    neither hits Python's int-parsing limit nor expands a range)."""
+    digits = digits.lstrip("0") or "0"
+    return int(digits) if len(digits) <= 9 else 10 * MAX_INDEX + 1
+
+
+def _short(text: str, n: int = 40) -> str:
+    return text if len(text) <= n else text[: n - 1] + "…"
 
 
 def parse_samples(text: str | None) -> Selection:
     """``--samples``: a count ``N`` (first N samples) or indices ``i,j,k`` / ``a-b``."""
     if text is None or text == "all":
         return Selection()
-    if text.isdigit():
-        if int(text) < 1:
+    if text.isascii() and text.isdigit():
+        count = _bounded_int(text)
+        if count < 1:
             raise OptionError("--samples: count must be at least 1")
-        return Selection(count=int(text))
+        if count > MAX_INDEX:
+            raise OptionError(
+                f"--samples: count {_short(text)} is too large; it must lie in [1, {MAX_INDEX}]"
+            )
+        return Selection(count=count)
     return Selection(indices=parse_indices(text, "--samples"))
 
 
@@ -137,10 +182,21 @@ def choice(option: str, value: str, allowed: tuple[str, ...]) -> str:
 
 
 def number(option: str, value: str | float, kind: type, lo: float, hi: float | None = None):
+    """``value`` as ``kind`` (int or float) in ``[lo, hi]``; NaN and ±inf are never a value
+    (every comparison with NaN is False, so a NaN budget or tolerance would pass anything)."""
+    name = "an integer" if kind is int else "a number"
+    text = value.strip() if isinstance(value, str) else value
+    if kind is int and isinstance(text, str):
+        if not re.fullmatch(r"[+-]?[0-9]+", text):
+            raise OptionError(f"{option}: {_short(text)!r} is not {name}")
+        if len(text.lstrip("+-").lstrip("0")) > 9:
+            raise OptionError(f"{option}: {_short(text)!r} is too large")
     try:
-        x = kind(value)
-    except (TypeError, ValueError):
-        raise OptionError(f"{option}: {value!r} is not a {kind.__name__}") from None
+        x = kind(text)
+    except (TypeError, ValueError, OverflowError):
+        raise OptionError(f"{option}: {_short(str(value))!r} is not {name}") from None
+    if isinstance(x, float) and not math.isfinite(x):
+        raise OptionError(f"{option}: {value!r} is not a finite number")
     if x < lo or (hi is not None and x > hi):
         rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
         raise OptionError(f"{option}: {value!r} must be {rng}")

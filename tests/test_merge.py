@@ -124,8 +124,8 @@ def _layer(items=4, failed=0, ratio=0.1, worst="L0-S0-Q3", median=0.2) -> dict:
 
 
 def test_a_layer_split_across_shards_adds_counts_and_keeps_the_worst_item():
-    first = _layer(items=4, ratio=0.1, worst="L0-S0-Q3")
-    second = {**_layer(items=6, failed=1, ratio=0.3, worst="L0-S5-Q3")}
+    first = {**_layer(items=4, ratio=0.1, worst="L0-S0-Q3"), "samples": [0, 1]}
+    second = {**_layer(items=6, failed=1, ratio=0.3, worst="L0-S5-Q3"), "samples": [5, 6, 7]}
     for key in ("median_abs_r", "p99_abs_r", "r_frac_of_logit_scale", "delta_q", "delta_k"):
         second[key] = None  # the layer's quality test ran in the first shard only
     merged = merge_summaries(
@@ -161,3 +161,48 @@ def test_shards_of_different_runs_or_settings_are_refused():
         merge_summaries([a, _summary({"1": _layer()}, samples="0-9")])
     with pytest.raises(MergeError, match="no shard summaries"):
         merge_summaries([])
+
+
+def _items_only(items=128) -> dict:
+    row = _layer(items=items)
+    for key in ("median_abs_r", "p99_abs_r", "r_frac_of_logit_scale", "delta_q", "delta_k"):
+        row[key] = None
+    return row
+
+
+def test_overlapping_item_only_shards_are_refused_not_double_counted():
+    a = _summary({"0": _items_only()}, layers="0")
+    b = _summary({"0": _items_only()}, layers="0")
+    with pytest.raises(MergeError, match=r"layer 0: a.json and b.json both validated it .*twice"):
+        merge_summaries([a, b], ["a.json", "b.json"])
+
+
+def test_shards_sharing_a_sample_of_a_layer_are_refused():
+    a = _summary({"0": {**_items_only(), "samples": [0, 1, 2]}}, layers="x")
+    b = _summary({"0": {**_items_only(), "samples": [2, 3]}}, layers="y")
+    with pytest.raises(
+        MergeError, match=r"layer 0: a.json and b.json both validated samples \[2\]"
+    ):
+        merge_summaries([a, b], ["a.json", "b.json"])
+
+
+def test_the_merge_command_exits_2_naming_the_overlap(tmp_path):
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.json").write_text(json.dumps(_summary({"0": _items_only()})))
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "qkcheck.merge",
+            str(tmp_path / "a.json"),
+            str(tmp_path / "b.json"),
+            "-o",
+            str(tmp_path / "m.json"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2
+    assert "layer 0:" in proc.stderr and "twice" in proc.stderr
+    assert not (tmp_path / "m.json").exists()

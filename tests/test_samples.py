@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +20,9 @@ from qkcheck.samples import (
     check_tokens,
     dataset_samples,
     find_tokenizer,
-    load_samples,
     read_text_file,
+    read_token_file,
+    text_lines,
 )
 from tests.conftest import GENUINE_PRETRAIN_DIR, GENUINE_RUN_DIR, GENUINE_RUN_ID
 
@@ -81,7 +83,7 @@ def test_bad_tokens_name_the_source_and_the_rule(tokens, message):
 def test_token_files_load(tmp_path, genuine_run, genuine_tokens, write):
     write(tmp_path / "samples", genuine_tokens[:3])
     path = next(tmp_path.iterdir())
-    assert torch.equal(load_samples(genuine_run, path), genuine_tokens[:3])
+    assert torch.equal(genuine_run.load_samples(path).tokens, genuine_tokens[:3])
 
 
 def test_a_token_file_dict_without_tokens_is_refused(tmp_path, genuine_run):
@@ -90,7 +92,7 @@ def test_a_token_file_dict_without_tokens_is_refused(tmp_path, genuine_run):
         SamplesError,
         match=r"s.pt: a dict of samples needs a 'tokens' or 'input_ids' key, got keys \['ids'\]",
     ):
-        load_samples(genuine_run, tmp_path / "s.pt")
+        genuine_run.load_samples(tmp_path / "s.pt")
 
 
 def test_an_out_of_vocabulary_file_names_the_file(tmp_path, genuine_run):
@@ -98,7 +100,7 @@ def test_an_out_of_vocabulary_file_names_the_file(tmp_path, genuine_run):
     with pytest.raises(
         SamplesError, match=r"s.npy: token id 700 at sample 0, position 0 is out of vocabulary"
     ):
-        load_samples(genuine_run, tmp_path / "s.npy")
+        genuine_run.load_samples(tmp_path / "s.npy")
 
 
 @pytest.mark.parametrize(
@@ -118,12 +120,12 @@ def test_unreadable_or_unknown_sample_files_are_refused(
 ):
     (tmp_path / name).write_bytes(content)
     with pytest.raises(SamplesError, match=message):
-        load_samples(genuine_run, tmp_path / name)
+        genuine_run.load_samples(tmp_path / name)
 
 
 def test_a_missing_samples_file_is_named(tmp_path, genuine_run):
     with pytest.raises(SamplesError, match=r"nope.pt: no such samples file"):
-        load_samples(genuine_run, tmp_path / "nope.pt")
+        genuine_run.load_samples(tmp_path / "nope.pt")
 
 
 # --- text ------------------------------------------------------------------------------------
@@ -131,7 +133,7 @@ def test_a_missing_samples_file_is_named(tmp_path, genuine_run):
 
 def test_text_lines_are_tokenized_and_cut_to_the_shortest(tmp_path, genuine_run):
     (tmp_path / "s.txt").write_text("t5 t7 t9 t11\n\nt2 t3 nonsense\n")
-    tokens = load_samples(genuine_run, tmp_path / "s.txt")
+    tokens = genuine_run.load_samples(tmp_path / "s.txt").tokens
     assert tokens.tolist() == [[5, 7, 9], [2, 3, 0]]  # unknown words are [UNK] = 0
 
 
@@ -155,7 +157,7 @@ def test_text_needs_a_tokenizer(tmp_path):
         SamplesError,
         match=r"s.txt: tokenizing text needs the run's tokenizer.json, and none was found",
     ):
-        load_samples(run, tmp_path / "s.txt")
+        run.load_samples(tmp_path / "s.txt")
 
 
 # --- the run's samples and dataset -----------------------------------------------------------
@@ -167,7 +169,7 @@ def test_a_run_ships_its_samples_as_samples_pt(tmp_path, genuine_tokens):
     torch.save(genuine_tokens[:4].clone(), run_dir / "samples.pt")
     run = load_run(run_dir, pretrain=GENUINE_PRETRAIN_DIR)
     assert run.files.samples == run_dir / "samples.pt"
-    assert torch.equal(load_samples(run), genuine_tokens[:4])
+    assert torch.equal(run.load_samples().tokens, genuine_tokens[:4])
 
 
 def test_the_dataset_needs_the_datasets_package(monkeypatch, genuine_run):
@@ -177,7 +179,7 @@ def test_the_dataset_needs_the_datasets_package(monkeypatch, genuine_run):
         match=r"reading the run's dataset needs the `datasets` package: "
         r"pip install 'qkcheck\[datasets\]'",
     ):
-        load_samples(genuine_run, "dataset")
+        genuine_run.load_samples("dataset")
 
 
 def test_the_dataset_is_read_from_a_local_dataset_directory(tmp_path):
@@ -256,3 +258,176 @@ def test_tokenizer_name_finds_a_local_folder_or_the_hub_cache(monkeypatch, tmp_p
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     assert find_tokenizer([], "org/tok") == snapshot / "tokenizer.json"
     assert find_tokenizer([], "org/absent") is None
+
+
+# --- every integer dtype, refused the rest in one line ---------------------------------------
+
+IDS = np.array([[3, 250, 0, 17], [255, 1, 2, 9]])
+
+
+@pytest.mark.parametrize(
+    "dtype", ["uint8", "uint16", "uint32", "uint64", "int8", "int16", ">i4", ">u2", ">i8", "<u4"]
+)
+@pytest.mark.parametrize("suffix", [".npy", ".pt"])
+def test_every_integer_dtype_whose_values_fit_is_read_as_int64(tmp_path, dtype, suffix):
+    values = IDS if dtype not in ("int8",) else IDS % 100
+    arr = values.astype(dtype)
+    path = tmp_path / f"s{suffix}"
+    if suffix == ".npy":
+        np.save(path, arr)
+    else:
+        torch.save(torch.from_numpy(arr.astype(arr.dtype.newbyteorder("="))), path)
+    tokens = read_token_file(path, vocab_size=256, n_ctx=64)
+    assert tokens.dtype == torch.int64
+    assert tokens.tolist() == values.tolist()
+
+
+def test_uint8_ids_out_of_vocabulary_are_named_with_their_true_value(tmp_path):
+    np.save(tmp_path / "s.npy", np.array([[3, 200]], dtype=np.uint8))
+    with pytest.raises(SamplesError, match=r"token id 200 at sample 0, position 1 .* \[0, 100\)"):
+        read_token_file(tmp_path / "s.npy", vocab_size=100, n_ctx=64)
+
+
+def test_a_uint64_id_beyond_int64_is_refused_not_wrapped(tmp_path):
+    np.save(tmp_path / "s.npy", np.array([[1, 2**63 + 5]], dtype=np.uint64))
+    with pytest.raises(SamplesError, match=rf"token id {2**63 + 5} at index \(0, 1\) does not fit"):
+        read_token_file(tmp_path / "s.npy", vocab_size=100, n_ctx=64)
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (np.array([["a", "b"]]), r"got a numpy array of dtype str32 \(1, 2\); token ids may be"),
+        (np.array([[b"a"]]), r"got a numpy array of dtype bytes8 \(1, 1\)"),
+        (np.array([[1.0, 2.0]]), r"got a numpy array of dtype float64 \(1, 2\)"),
+        (np.array([[True]]), r"got a numpy array of dtype bool \(1, 1\)"),
+        (np.zeros((1, 2), dtype=[("a", "i4")]), r"got a numpy array of dtype void"),
+        (torch.tensor([[1, 0, 3]]).to_sparse(), r"got a torch.sparse_coo tensor; .* dense"),
+        (torch.zeros(1, 2, dtype=torch.bfloat16), r"got torch.bfloat16 \(1, 2\); token ids may"),
+        (torch.zeros(1, 2, dtype=torch.complex64), r"got torch.complex64"),
+        (torch.zeros(1, 2, dtype=torch.bool), r"got torch.bool \(1, 2\)"),
+        ("1 2 3", r"expected a tensor of token ids \(n, T\), got str"),
+        (torch.tensor(5), r"shape \(n, T\), got torch.int64 \(\)"),
+    ],
+    ids=[
+        "str",
+        "bytes",
+        "float",
+        "bool",
+        "struct",
+        "coo",
+        "bf16",
+        "complex",
+        "tbool",
+        "text",
+        "0d",
+    ],
+)
+def test_what_is_not_integer_ids_is_refused_in_one_line(data, message):
+    with pytest.raises(SamplesError, match=f"^my.pt: .*{message}") as info:
+        check_tokens(data, source="my.pt", **LIMITS)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("s.npy", b"garbage!", r"s.npy: unreadable samples file: not a .npy file \(not a file "),
+        ("s.pt", b"", r"s.pt: unreadable samples file: the file is empty"),
+        ("s.pt", b"PK\x03\x04broken", r"s.pt: unreadable samples file: a damaged torch.save"),
+    ],
+)
+def test_broken_token_files_say_what_their_bytes_are(tmp_path, name, content, message):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(SamplesError, match=message):
+        read_token_file(tmp_path / name, **LIMITS)
+
+
+def test_an_object_npy_is_refused_without_numpys_advice_to_unpickle(tmp_path):
+    np.save(tmp_path / "s.npy", np.array([1, "a", None], dtype=object), allow_pickle=True)
+    with pytest.raises(SamplesError, match="holds Python objects") as info:
+        read_token_file(tmp_path / "s.npy", **LIMITS)
+    assert "allow_pickle" not in str(info.value)
+
+
+class _RunsCode:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_a_code_executing_samples_pickle_is_refused_without_torchs_advice(tmp_path):
+    marker = tmp_path / "code-ran"
+    torch.save(
+        {"tokens": torch.zeros(1, 2, dtype=torch.long), "x": _RunsCode(marker)}, tmp_path / "s.pt"
+    )
+    with pytest.raises(
+        SamplesError, match=r"s.pt: refused to load: .* code execution \(it references [\w.]*open"
+    ) as info:
+        read_token_file(tmp_path / "s.pt", **LIMITS)
+    shown = "".join(traceback.format_exception(info.value))  # what a traceback would print
+    assert "weights_only=True" in shown
+    assert "False" not in shown
+    assert not marker.exists()
+
+
+def test_a_directory_given_as_samples_file_is_named(tmp_path):
+    with pytest.raises(SamplesError, match=r"s.npy: is a directory; expected a samples file"):
+        read_token_file(tmp_path.joinpath("s.npy").mkdir() or tmp_path / "s.npy", **LIMITS)
+
+
+# --- text samples ----------------------------------------------------------------------------
+
+
+def test_text_lines_split_on_newline_only_and_drop_a_bom_and_crlf():
+    text = "\ufeffa\x0cb\r\nc\u2028d\n\n  \ne\x1cf\x85g\n"
+    assert text_lines(text) == ["a\x0cb", "c\u2028d", "e\x1cf\x85g"]
+
+
+def test_a_bom_does_not_become_a_token(tmp_path):
+    (tmp_path / "s.txt").write_text("\ufefft5 t7\nt2 t3\n", encoding="utf-8")
+    samples = read_text_file(tmp_path / "s.txt", TOKENIZER, **LIMITS)
+    assert samples.tokens.tolist() == [[5, 7], [2, 3]]
+    assert samples.note is None  # nothing was cut
+
+
+def test_a_form_feed_or_line_separator_does_not_split_a_sample(tmp_path):
+    (tmp_path / "s.txt").write_text("t5\x0ct7 t9\nt2\u2028t3 t4\n", encoding="utf-8")
+    samples = read_text_file(tmp_path / "s.txt", TOKENIZER, **LIMITS)
+    assert samples.tokens.shape[0] == 2
+
+
+def test_cutting_lines_to_one_length_is_said(tmp_path):
+    (tmp_path / "s.txt").write_text("t5 t7 t9 t11\nt2 t3\nt4 t6 t8\n")
+    samples = read_text_file(tmp_path / "s.txt", TOKENIZER, **LIMITS)
+    assert samples.tokens.tolist() == [[5, 7], [2, 3], [4, 6]]
+    assert samples.note == (
+        f"{tmp_path / 's.txt'}: 2 of 3 lines cut to 2 tokens, the shortest line's length "
+        "(the longest had 4)"
+    )
+
+
+def test_text_that_is_not_utf8_is_named(tmp_path):
+    (tmp_path / "s.txt").write_bytes(b"t5 \xff\xfe t7\n")
+    with pytest.raises(SamplesError, match=r"s.txt: cannot read samples text \(UTF-8 expected\)"):
+        read_text_file(tmp_path / "s.txt", TOKENIZER, **LIMITS)
+
+
+def test_samples_do_not_import_runs():
+    import ast
+
+    source = Path(__import__("qkcheck.samples").samples.__file__).read_text()
+    imported = {
+        node.module
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.ImportFrom) and node.module
+    }
+    assert not {m for m in imported if m.startswith("qkcheck.runs.run")}
+    assert "Run" not in {
+        a.name
+        for n in ast.walk(ast.parse(source))
+        if isinstance(n, ast.ImportFrom)
+        for a in n.names
+    }

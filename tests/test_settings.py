@@ -1,49 +1,97 @@
-"""Option parsing: every bad value names the option and what it takes."""
+"""Option parsing: every bad value names the option and what it takes.
+
+The defaults come from the plugin's own option definitions (``pytest_addoption``), read
+through a recording parser, so a changed default in the plugin is what these tests parse.
+"""
 
 from __future__ import annotations
 
+import time
+from typing import Any
+
 import pytest
 
+from qkcheck import pytest_plugin
 from qkcheck.settings import (
+    MAX_INDEX,
     OptionError,
     Selection,
+    Settings,
+    parse_indices,
     parse_query_pos,
     parse_samples,
     parse_settings,
 )
 
-DEFAULTS = {
-    "qk_run_id": "demo",
-    "qk_samples": "all",
-    "qk_samples_file": None,
-    "qk_layers": "all",
-    "qk_query_pos": "all",
-    "qk_mode": "weighted",
-    "qk_ci_threshold": 0.1,
-    "qk_top_n": 8,
-    "qk_plots": "failed",
-    "qk_max_plots": 20,
-    "qk_artifacts_dir": None,
-    "qk_device": "cpu",
-    "qk_dtype": "float32",
-    "qk_bound": "weight",
-    "qk_norm": "spectral",
-    "qk_delta_budget": 0.25,
-    "qk_residual_budget": 0.2,
-    "qk_gate_tolerance": 0.25,
-    "qk_baseline": None,
-    "qk_batch_size": 4,
-}
+
+class _Recorder:
+    """Stands in for pytest's parser and option group: records each option's definition."""
+
+    def __init__(self) -> None:
+        self.options: dict[str, dict[str, Any]] = {}
+
+    def getgroup(self, *_args: Any, **_kw: Any) -> _Recorder:
+        return self
+
+    def addoption(self, name: str, **kw: Any) -> None:
+        self.options[kw["dest"]] = {"name": name, **kw}
+
+
+def plugin_options() -> dict[str, dict[str, Any]]:
+    recorder = _Recorder()
+    pytest_plugin.pytest_addoption(recorder)  # type: ignore[arg-type]
+    return recorder.options
+
+
+DEFAULTS = {dest: o["default"] for dest, o in plugin_options().items()}
 
 
 def settings(**changes):
-    values = {**DEFAULTS, **changes}
+    values = {**DEFAULTS, "qk_run_id": "demo", **changes}
     return parse_settings(values.__getitem__)
 
 
-def test_defaults_parse():
+def test_the_plugin_defines_every_option_settings_reads():
+    read: list[str] = []
+    parse_settings(lambda dest: read.append(dest) or {**DEFAULTS, "qk_run_id": "demo"}[dest])
+    assert set(read) == set(DEFAULTS)
+
+
+# Settings field -> the plugin option whose default it must equal (run_id has none)
+FIELD_OF = {
+    "qk_ci_threshold": "ci_threshold",
+    "qk_top_n": "top_n",
+    "qk_plots": "plots",
+    "qk_max_plots": "max_plots",
+    "qk_device": "device",
+    "qk_dtype": "dtype",
+    "qk_bound": "bound",
+    "qk_norm": "norm",
+    "qk_mode": "mode",
+    "qk_delta_budget": "delta_budget",
+    "qk_residual_budget": "residual_budget",
+    "qk_gate_tolerance": "gate_tolerance",
+    "qk_baseline": "baseline",
+    "qk_batch_size": "batch_size",
+    "qk_samples_file": "samples_file",
+    "qk_artifacts_dir": "artifacts_dir",
+}
+
+
+@pytest.mark.parametrize("dest", sorted(FIELD_OF))
+def test_the_plugin_defaults_parse_to_the_settings_defaults(dest):
+    """Parsing the plugin's defaults gives :class:`Settings`' own defaults, field by field:
+    a default changed on one side only fails here."""
+    parsed, plain = settings(), Settings(run_id="demo")
+    field = FIELD_OF[dest]
+    assert getattr(parsed, field) == getattr(plain, field)
+    assert getattr(parsed, field) is not None or DEFAULTS[dest] is None
+
+
+def test_the_selection_defaults_mean_everything():
     s = settings()
-    assert (s.mode, s.bound, s.plots, s.top_n) == ("weighted", "weight", "failed", 8)
+    for sel in (s.samples, s.layers, s.query_pos):
+        assert sel.resolve(7, "x", "--x") == list(range(7))
 
 
 @pytest.mark.parametrize(
@@ -54,7 +102,10 @@ def test_defaults_parse():
         ("qk_bound", "tight", r"--bound: 'tight' is not one of data, weight, budget"),
         ("qk_dtype", "float16", r"--dtype: 'float16' is not one of float32, float64"),
         ("qk_top_n", "0", r"--top-n: '0' must be >= 1"),
-        ("qk_top_n", "many", r"--top-n: 'many' is not a int"),
+        ("qk_top_n", "many", r"--top-n: 'many' is not an integer"),
+        ("qk_top_n", "³", r"--top-n: '³' is not an integer"),
+        ("qk_top_n", "1e3", r"--top-n: '1e3' is not an integer"),
+        ("qk_top_n", "9" * 5000, r"--top-n: '9{39}…' is too large"),
         ("qk_ci_threshold", "1.5", r"--ci-threshold: '1.5' must be in \[0.0, 1.0\]"),
         ("qk_samples", "1,x", r"--samples: '1,x' is not a list of indices"),
         ("qk_query_pos", "5-2", r"--query-pos: '5-2' is not a list of indices"),
@@ -66,10 +117,78 @@ def test_a_bad_option_value_names_the_option_and_what_it_takes(option, value, me
         settings(**{option: value})
 
 
+FLOAT_OPTIONS = [dest for dest, d in DEFAULTS.items() if isinstance(d, float)]
+
+
+def test_every_float_option_is_found():
+    assert {"qk_ci_threshold", "qk_delta_budget", "qk_residual_budget", "qk_gate_tolerance"} <= set(
+        FLOAT_OPTIONS
+    )
+
+
+@pytest.mark.parametrize("dest", FLOAT_OPTIONS)
+@pytest.mark.parametrize("value", ["nan", "NaN", "-nan", "inf", "-inf", "Infinity", "1e999"])
+def test_nan_and_inf_are_refused_for_every_float_option(dest, value):
+    name = plugin_options()[dest]["name"]
+    with pytest.raises(OptionError, match=rf"^{name}: '{value}' is not a finite number$"):
+        settings(**{dest: value})
+
+
+@pytest.mark.parametrize("option", ["qk_samples", "qk_layers", "qk_query_pos"])
+@pytest.mark.parametrize(
+    "value", ["³", "٣", "1,²", "0-³", "١-٣", "½", "--1", "1-2-3", "", ",", " ", "0x10", "1_0"]
+)
+def test_non_ascii_digits_and_junk_are_refused_not_crashed_on(option, value):
+    with pytest.raises(OptionError, match=r"is not a list of indices|count must be at least 1"):
+        settings(**{option: value})
+
+
+def test_a_negative_index_is_named():
+    with pytest.raises(OptionError, match=r"--layers: '-1' has a negative index"):
+        settings(qk_layers="-1")
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "shown"),
+    [
+        ("qk_query_pos", "0-20000000", "20000000"),
+        ("qk_samples", "5,0-999999999999", "999999999999"),
+        ("qk_layers", "1-" + "9" * 5000, "9" * 12 + "…"),
+    ],
+)
+def test_huge_ranges_are_refused_at_once_naming_the_valid_range(option, value, shown):
+    start = time.perf_counter()
+    with pytest.raises(OptionError) as info:
+        settings(**{option: value})
+    assert time.perf_counter() - start < 0.5  # no range was expanded
+    message = str(info.value)
+    assert f"index {shown} in " in message
+    assert f"indices must lie in [0, {MAX_INDEX}]" in message
+    assert len(message) < 200
+
+
+def test_a_huge_count_is_refused():
+    with pytest.raises(
+        OptionError, match=rf"--samples: count 9+… is too large; .*\[1, {MAX_INDEX}"
+    ):
+        settings(qk_samples="9" * 5000)
+
+
+def test_out_of_range_indices_are_summarised_not_listed():
+    sel = parse_query_pos("0-99999")
+    with pytest.raises(OptionError) as info:
+        sel.resolve(64, "query positions", "--query-pos")
+    assert str(info.value) == (
+        "--query-pos: query positions [64, 65, 66, …, 99999] (99936 indices) out of range; "
+        "this run has 64 query positions (0..63)"
+    )
+
+
 def test_samples_are_a_count_or_indices_and_ranges():
     assert parse_samples("3") == Selection(count=3)
-    assert parse_samples("0,4-6,4") == Selection(indices=(0, 4, 5, 6))
+    assert parse_samples(" 0 , 4-6,4") == Selection(indices=(0, 4, 5, 6))
     assert parse_samples("all").resolve(5, "samples", "--samples") == [0, 1, 2, 3, 4]
+    assert parse_indices("007,1", "--x") == (7, 1)
 
 
 def test_selections_out_of_range_say_what_the_run_has():

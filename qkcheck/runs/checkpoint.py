@@ -63,12 +63,16 @@ def read_checkpoint(path: Path) -> dict[str, Tensor]:
     except pickle.UnpicklingError as e:
         # weights_only refuses any pickle that would import or call code.
         what = re.search(r"GLOBAL ([\w.]+)", str(e))
-        named = f" (it references {what.group(1)})" if what else ""
+        if what is None:  # no code referenced: bytes torch cannot read, not a refusal
+            raise CheckpointError(
+                f"{path}: unreadable checkpoint: {_why_unreadable(path)}"
+            ) from None
         raise CheckpointError(
-            f"{path}: refused to load: the file is a pickle that needs code execution{named}; "
+            f"{path}: refused to load: the file is a pickle that needs code execution "
+            f"(it references {what.group(1)}); "
             "qkcheck reads checkpoints with torch.load(weights_only=True) only. Expected a plain "
             "state dict of tensors as spd writes with torch.save(model.state_dict())"
-        ) from e
+        ) from None  # torch's own message advises weights_only=False: never repeat that
     except Exception as e:  # torch raises RuntimeError, EOFError, KeyError... on a broken file
         raise CheckpointError(f"{path}: unreadable checkpoint: {_why_unreadable(path)}") from e
     if not isinstance(data, Mapping):

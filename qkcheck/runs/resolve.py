@@ -224,14 +224,21 @@ def run_files_from_dir(
             f"the directory holds {present}"
         )
     checkpoint, found_step = _pick_checkpoint(run_dir, SPD_CHECKPOINT_RE, step, "model_<step>.pth")
+    located = _located(run_dir)
     return SPDRunFiles(
         run_dir=run_dir,
         config=config,
         checkpoint=checkpoint,
         step=found_step,
-        name=name or _run_name(run_dir),
-        root=_root_of(run_dir),
+        name=name or _run_name(located),
+        root=_root_of(located),
     )
+
+
+def _located(run_dir: Path) -> Path:
+    """Where a run directory sits, for its root and name: as given when that is inside an
+    output root, else where a symlink (to it or to a folder above it) really points."""
+    return run_dir if _root_of(run_dir) is not None else run_dir.resolve()
 
 
 def _run_name(run_dir: Path) -> str:
@@ -252,7 +259,8 @@ def _run_files_from_checkpoint(path: Path, step: int | None) -> SPDRunFiles:
     if not config.is_file():
         raise ConfigError(f"{path}: no {SPD_CONFIG_NAME} beside the checkpoint")
     run_dir = path.parent
-    return SPDRunFiles(run_dir, config, path, file_step, _run_name(run_dir), _root_of(run_dir))
+    located = _located(run_dir)
+    return SPDRunFiles(run_dir, config, path, file_step, _run_name(located), _root_of(located))
 
 
 def _pick_checkpoint(

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from qkcheck.errors import ConfigError, QKCheckError, UnsupportedError
+from qkcheck.errors import ConfigError, QKCheckError, SamplesError, UnsupportedError
 from qkcheck.models import build_target_model, resolve_model_class
 from qkcheck.models.base import AttentionSpec, Capture
 from qkcheck.runs.checkpoint import (
@@ -40,7 +40,15 @@ from qkcheck.runs.resolve import (
     resolve_pretrain,
     resolve_run,
 )
-from qkcheck.samples import TokenLabels, check_tokens, find_tokenizer, read_token_file
+from qkcheck.samples import (
+    Samples,
+    TokenLabels,
+    check_tokens,
+    dataset_samples,
+    find_tokenizer,
+    read_samples_file,
+    read_token_file,
+)
 
 
 @dataclass(frozen=True)
@@ -270,11 +278,46 @@ class Run:
     def samples(self) -> Tensor | None:
         """The samples the run ships (``samples.pt`` in its directory), else None.
 
-        See :func:`qkcheck.samples.load_samples` for files, text and the run's dataset.
+        See :meth:`load_samples` for files, text and the run's dataset.
         """
         if self.files.samples is None:
             return None
         return read_token_file(self.files.samples, vocab_size=self.vocab_size, n_ctx=self.n_ctx)
+
+    def load_samples(
+        self,
+        samples_file: str | os.PathLike[str] | None = None,
+        *,
+        n: int = 8,
+        seq_len: int | None = None,
+    ) -> Samples:
+        """Samples checked against this run's model: from ``samples_file`` (token ids
+        ``.pt``/``.npy``, text lines ``.txt``, or ``"dataset"``), else the run's own
+        ``samples.pt``, else its dataset. ``n``/``seq_len`` apply to the dataset
+        (``seq_len`` defaults to the smaller of the task's ``max_seq_len`` and ``n_ctx``).
+        """
+        limits = {"vocab_size": self.vocab_size, "n_ctx": self.n_ctx}
+        if samples_file is None and self.samples is not None:
+            return Samples(self.samples, str(self.files.samples))
+        if samples_file is None or os.fspath(samples_file) == "dataset":
+            task = self.config.task_config
+            if task is None:
+                raise SamplesError(
+                    f"{self.config.path}: no task_config to read a dataset from; pass a samples "
+                    "file"
+                )
+            length = seq_len or min(task.max_seq_len, self.n_ctx)
+            tokens = dataset_samples(
+                task, n=n, seq_len=length, tokenizer=self.files.tokenizer, **limits
+            )
+            return Samples(tokens, f"dataset {task.dataset_name!r}")
+        return read_samples_file(
+            Path(samples_file).expanduser(),
+            tokenizer=self.files.tokenizer,
+            no_tokenizer=f"looked in {self.files.pretrain_dir} and for tokenizer_name "
+            f"{self.config.tokenizer_name!r}",
+            **limits,
+        )
 
     @cached_property
     def _labels(self) -> TokenLabels:
