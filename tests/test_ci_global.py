@@ -13,6 +13,7 @@ import fnmatch
 import json
 import math
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,7 @@ import yaml
 from torch import Tensor
 
 from qkcheck.ci import build_ci_functions
-from qkcheck.errors import CheckpointError, ConfigError, QKCheckError
+from qkcheck.errors import CheckpointError, ConfigError, QKCheckError, UnsupportedError
 
 pytest_plugins = ["pytester"]
 
@@ -43,7 +44,7 @@ def plain_gelu(x: Tensor) -> Tensor:
     return 0.5 * x * (1 + torch.erf(x / math.sqrt(2)))
 
 
-def plain_mlp(state: dict, prefix: str) -> callable:
+def plain_mlp(state: dict, prefix: str) -> Callable[[Tensor], Tensor]:
     """spd's nn.Sequential of Linear (W (in, out), b) with GELU between: keys prefix0, prefix2…"""
     n = 0
     while f"{prefix}{2 * n}.W" in state:
@@ -65,7 +66,7 @@ def plain_linear(state: dict, prefix: str):
 
 def plain_attention(
     state: dict, prefix: str, n_heads: int, base: float, causal: bool = False
-) -> callable:
+) -> Callable[[Tensor], Tensor]:
     """Multi-head attention, one head at a time; RoPE rotates each pair (i, i + d_head/2) of
     position t by the angle t / base^(2i / d_head)."""
     Wq, Wk, Wv, Wo = (state[f"{prefix}{n}_proj.weight"] for n in ("q", "k", "v", "out"))
@@ -493,16 +494,34 @@ def test_samples_longer_than_the_attentions_max_len_are_refused():
         ci.lower(inputs)
 
 
-def test_a_bad_global_ci_config_in_a_run_names_its_config_file(genuine, tmp_path):
+def edited_run(genuine, tmp_path, **ci_fields):
+    """A copy of s-5eed0105 with ``ci_config`` fields replaced, loaded."""
     from qkcheck.runs import load_run
 
-    src = genuine["s-5eed0105"]["run"].files.run_dir
     dest = tmp_path / "s-5eed0105"
-    shutil.copytree(src, dest)
+    shutil.copytree(genuine["s-5eed0105"]["run"].files.run_dir, dest)
     config = yaml.safe_load((dest / "final_config.yaml").read_text())
-    config["ci_config"]["d_resid_ci_fn"] = "wide"
+    config["ci_config"].update(ci_fields)
     (dest / "final_config.yaml").write_text(yaml.safe_dump(config))
-    run = load_run(dest, pretrain=HF / "spd_out" / "pretrain_cache" / "spd-t-5eed0100")
+    return load_run(dest, pretrain=HF / "spd_out" / "pretrain_cache" / "spd-t-5eed0100")
+
+
+def test_an_unsupported_global_type_in_a_run_names_the_field_and_the_supported_list(
+    genuine, tmp_path
+):
+    run = edited_run(genuine, tmp_path, fn_type="global_lstm")
+    with pytest.raises(
+        UnsupportedError,
+        match=r"^.*final_config\.yaml: field 'ci_config': CI function type 'global_lstm' "
+        r"\(mode 'global'\) is not supported; supported: layerwise mlp, vector_mlp, shared_mlp, "
+        r"global global_shared_mlp, global_shared_transformer, global_reverse_residual$",
+    ):
+        run.causal_importances(genuine["s-5eed0105"]["tokens"][:1])
+
+
+def test_a_bad_global_ci_config_in_a_run_names_its_config_file(genuine, tmp_path):
+    run = edited_run(genuine, tmp_path, d_resid_ci_fn="wide")
+    dest = run.files.run_dir
     with pytest.raises(
         ConfigError,
         match=rf"^{dest / 'final_config.yaml'}: field 'ci_config.d_resid_ci_fn' must be a "
