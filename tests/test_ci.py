@@ -255,8 +255,9 @@ def test_ci_keys_may_keep_their_ci_fn_prefix():
 @pytest.mark.parametrize(
     ("mode", "fn_type"),
     [
-        ("global", "global_shared_transformer"),
-        ("global", "global_reverse_residual"),
+        ("global", "global_lstm"),
+        ("layerwise", "global_reverse_residual"),  # a global type needs mode 'global'
+        ("global", "shared_mlp"),
         ("layerwise", "conv"),
     ],
 )
@@ -265,7 +266,8 @@ def test_an_unsupported_ci_type_fails_only_when_ci_is_computed(mode, fn_type):
     ci = build_ci_functions({"mode": mode, "fn_type": fn_type}, "leaky_hard", state, components)
     message = (
         rf"CI function type '{fn_type}' \(mode '{mode}'\) is not supported; supported: "
-        r"layerwise mlp, vector_mlp, shared_mlp, global global_shared_mlp$"
+        r"layerwise mlp, vector_mlp, shared_mlp, global global_shared_mlp, "
+        r"global_shared_transformer, global_reverse_residual$"
     )
     assert ci.problem is not None
     with pytest.raises(UnsupportedError, match=message):

@@ -292,3 +292,39 @@ def test_a_run_absent_offline_is_downloaded_into_qkcheck_cache(monkeypatch, tmp_
         match=r"W&B download \(W&B lookup of goodfire/spd/runs/s-00000000 failed: ValueError: ",
     ):
         resolve_run("s-00000000")
+
+
+def test_spds_wandb_download_folder_is_searched_under_spd_repo_root_and_cwd(monkeypatch, tmp_path):
+    """spd's fetch_wandb_run_dir keeps a run in <repo>/wandb/<id>/files/, or in the one
+    <repo>/wandb/*<id>/files/ a local W&B run left."""
+    repo, cwd = tmp_path / "spd", tmp_path / "work"
+    in_repo = repo / "wandb" / GENUINE_RUN_ID / "files"
+    shutil.copytree(GENUINE_RUN_DIR, in_repo)
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    monkeypatch.setenv("SPD_REPO_ROOT", str(repo))
+    files = resolve_run(f"goodfire/spd/runs/{GENUINE_RUN_ID}@400")
+    assert (files.run_dir, files.name, files.step) == (in_repo, GENUINE_RUN_ID, 400)
+
+    monkeypatch.delenv("SPD_REPO_ROOT")
+    local = cwd / "wandb" / f"run-20260227_101500-{GENUINE_RUN_ID}" / "files"
+    shutil.copytree(GENUINE_RUN_DIR, local)
+    assert resolve_run(GENUINE_RUN_ID).run_dir == local
+
+    # spd's output folder comes first
+    monkeypatch.setenv("SPD_OUT_DIR", str(GENUINE_OUT))
+    assert resolve_run(GENUINE_RUN_ID).run_dir == GENUINE_RUN_DIR
+
+
+def test_the_wandb_download_folders_tried_are_listed(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SPD_REPO_ROOT", str(tmp_path / "spd"))
+    (tmp_path / "wandb" / "s-00000000").mkdir(parents=True)  # no files/ inside
+    with pytest.raises(RunNotFoundError) as info:
+        resolve_run("s-00000000")
+    message = str(info.value)
+    assert f"  - {tmp_path / 'spd' / 'wandb' / 's-00000000' / 'files'} (no such directory)" in (
+        message
+    )
+    assert f"  - {tmp_path / 'wandb' / 's-00000000' / 'files'} (no such directory)" in message
+    assert "or SPD_REPO_ROOT to the spd checkout whose wandb/ holds it" in message

@@ -15,8 +15,11 @@ W&B references are looked up offline first, in "output roots" laid out like spd'
 The roots, in order: the root the run itself sits in (so a run keeps finding its pretrain
 run beside it — this is how the demo run works), ``$SPD_OUT_DIR`` (default ``~/spd_out``),
 and qkcheck's own cache ``$QKCHECK_CACHE`` (default ``~/.cache/qkcheck``), laid out the same
-way. Only then, when the optional ``wandb`` package is installed, a run is downloaded into
-qkcheck's cache. Every failure lists every place tried.
+way. An SPD run is also looked for where spd's own ``fetch_wandb_run_dir`` downloads it,
+``<spd repo>/wandb/<run_id>/files/`` (or the one ``<spd repo>/wandb/*<run_id>/files/`` that a
+local W&B run leaves), with ``<spd repo>`` being ``$SPD_REPO_ROOT`` when set and the current
+directory. Only then, when the optional ``wandb`` package is installed, a run is downloaded
+into qkcheck's cache. Every failure lists every place tried.
 """
 
 from __future__ import annotations
@@ -135,6 +138,29 @@ def qkcheck_cache_dir() -> Path:
         return Path(env).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base).expanduser() / "qkcheck"
+
+
+def wandb_download_dirs() -> list[Path]:
+    """spd's W&B download folders ``<spd repo>/wandb``: ``$SPD_REPO_ROOT/wandb`` when set, then
+    ``./wandb`` (spd's repo root is where its scripts run)."""
+    bases = [Path(env).expanduser() for env in [os.environ.get("SPD_REPO_ROOT")] if env]
+    bases.append(Path.cwd())
+    unique: list[Path] = []
+    for base in bases:
+        if (folder := base / "wandb") not in unique:
+            unique.append(folder)
+    return unique
+
+
+def _wandb_run_dirs(base: Path, run_id: str) -> list[Path]:
+    """Where spd's ``fetch_wandb_run_dir`` keeps ``run_id``'s files under ``base``:
+    ``<id>/files``, or ``<name ending in id>/files`` when exactly one such folder exists."""
+    dirs = [base / run_id / "files"]
+    if base.is_dir():
+        ending = [d for d in base.iterdir() if d.is_dir() and d.name.endswith(run_id)]
+        if len(ending) == 1 and ending[0].name != run_id:
+            dirs.append(ending[0] / "files")
+    return dirs
 
 
 def _search_roots(near: Path | None = None) -> list[Path]:
@@ -291,14 +317,19 @@ def _resolve_wandb_run(ref: WandbRef, step: int | None) -> SPDRunFiles:
         for run_dir in (root / "runs" / ref.cache_name, root / "spd" / ref.run_id):
             if _has(run_dir, SPD_CONFIG_NAME, tried):
                 return run_files_from_dir(run_dir, step, name=ref.run_id)
+    for base in wandb_download_dirs():
+        for run_dir in _wandb_run_dirs(base, ref.run_id):
+            if _has(run_dir, SPD_CONFIG_NAME, tried):
+                return run_files_from_dir(run_dir, step, name=ref.run_id)
     dest = qkcheck_cache_dir() / "runs" / ref.cache_name
     run_dir = _try_download(tried, dest, lambda tmp: _download_spd_run(ref, tmp, step))
     if run_dir is not None:
         return run_files_from_dir(run_dir, step, name=ref.run_id)
     raise tried.error(
         f"SPD run {ref}",
-        "set SPD_OUT_DIR to the spd output folder that holds the run, pass the run directory "
-        "or its model_<step>.pth instead, or `pip install 'qkcheck[wandb]'` and `wandb login` "
+        "set SPD_OUT_DIR to the spd output folder that holds the run (or SPD_REPO_ROOT to "
+        "the spd checkout whose wandb/ holds it), pass the run directory or its "
+        "model_<step>.pth instead, or `pip install 'qkcheck[wandb]'` and `wandb login` "
         "to download it",
     )
 

@@ -247,6 +247,7 @@ class Run:
             {p: (c.V, c.U) for p, c in self._components.items()},
             source=str(self.files.checkpoint),
             embedding_paths=embeddings,
+            config_source=str(self.config.path),
         )
 
     def _submodule(self, path: str) -> nn.Module | None:
