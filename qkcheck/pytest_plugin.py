@@ -135,6 +135,7 @@ class _State:
         self.layers: dict[int, dict[str, Any]] = {}
         self.figures: list[str] = []
         self.plots_left_out = 0
+        self.figure_errors: list[str] = []
 
     @property
     def validator(self):
@@ -146,6 +147,18 @@ class _State:
     def artifacts(self) -> Path:
         return self.settings.artifacts_for(self.validator.run.name)
 
+    def lock_artifacts(self) -> None:
+        """Check the artifacts directory and hold it for this session (the controller)."""
+        from qkcheck.artifacts import ArtifactsLock, check_artifacts_dir
+
+        self._lock = ArtifactsLock(check_artifacts_dir(self.artifacts)).acquire()
+
+    def release_artifacts(self) -> None:
+        lock = getattr(self, "_lock", None)
+        if lock is not None:
+            shutil.rmtree(self.artifacts / ".plot-slots", ignore_errors=True)
+            lock.release()
+
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         data = getattr(report, "qkcheck", None)
         if not data or report.when != "call":
@@ -156,6 +169,8 @@ class _State:
             self.layers.setdefault(data["layer"]["layer"], {}).update(data["layer"])
         self.figures.extend(data.get("figures", []))
         self.plots_left_out += data.get("left_out", 0)
+        if "figure_error" in data:
+            self.figure_errors.append(f"{report.nodeid}: {data['figure_error']}")
 
 
 def build_validator(settings):
@@ -178,6 +193,8 @@ def pytest_configure(config: pytest.Config) -> None:
         state = _State(config)
         if state.settings is not None:
             state.validator  # noqa: B018 — load the run now: a bad run is a usage error
+        if state.settings is not None and not hasattr(config, "workerinput"):
+            state.lock_artifacts()
     except QKCheckError as e:
         raise pytest.UsageError(str(e)) from None
     config.stash[_STATE] = state
@@ -309,8 +326,10 @@ def _plot_item(state: _State, item: pytest.Item, key: tuple[int, int, int]) -> l
         return []
     try:
         paths = write_item_figures(state.validator, *key, state.artifacts)
-    except Exception as e:  # a figure must never hide the verdict
-        item.add_report_section("call", "qkcheck", f"figure failed: {type(e).__name__}: {e}")
+    except Exception as e:  # a figure must never hide the verdict, nor fail silently
+        why = f"{type(e).__name__}: {e}"
+        item.add_report_section("call", "qkcheck", f"figure failed: {why}")
+        record["figure_error"] = why
         return []
     text = "\n".join(f"[[ATTACHMENT|{p.resolve()}]]" for p in paths)
     item.add_report_section("call", "stdout", text + "\n")
@@ -336,8 +355,15 @@ def _attach_html(report: pytest.TestReport, paths: list[Path]) -> None:
         import pytest_html  # type: ignore[import-not-found]
     except ImportError:
         return
+    import base64
+
+    # embedded, not linked: --self-contained-html warns on (and filterwarnings=error turns
+    # into an INTERNALERROR) any image given as a path; embedded images serve both modes
     extras = getattr(report, "extras", [])
-    extras.extend(pytest_html.extras.image(str(p.resolve())) for p in paths)
+    extras.extend(
+        pytest_html.extras.png(base64.b64encode(p.read_bytes()).decode("ascii"), name=p.name)
+        for p in paths
+    )
     report.extras = extras
 
 
@@ -374,5 +400,14 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
             f"{summary['figures']['left_out']} item(s) due a figure got none (--max-plots "
             f"{state.settings.max_plots}); draw one with -k <id> --plots all"
         )
+    for line in state.figure_errors:
+        tr.write_line(f"figure failed: {line}", red=True)
     tr.write_line(f"figures: {len(summary['figures']['paths'])} in {artifacts}")
     tr.write_line(f"summary: {path}")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Release the artifacts directory; no figure-slot files are left behind."""
+    state = config.stash.get(_STATE, None)
+    if state is not None:
+        state.release_artifacts()
