@@ -312,7 +312,7 @@ class Validator:
         ratio = torch.where(
             chosen[0] > 0, r_abs / chosen[0].clamp_min(1e-300), (r_abs > slack) * torch.inf
         )
-        ratio = torch.nan_to_num(ratio.masked_fill(above, -1.0), nan=0.0)
+        ratio = torch.nan_to_num(ratio.masked_fill(above, -1.0), nan=0.0, posinf=torch.inf)
         H = ratio.shape[0]
         flat = ratio.permute(1, 0, 2).reshape(T, H * T)  # (i, head·j)
         best, where = flat.max(dim=1)
