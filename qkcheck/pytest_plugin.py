@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from qkcheck.errors import QKCheckError
+from qkcheck.errors import QKCheckError, UnsupportedError
 
 GROUP = "qkcheck"
 #: what an item records for the session summary: {"item": {...}, "layer": {...},
@@ -165,6 +165,8 @@ def build_validator(settings):
     from qkcheck.validate import Validator
 
     run = load_run(settings.run_id)
+    if settings.mode == "binary" and getattr(run, "binary_mode_unsupported", None):
+        raise UnsupportedError(f"--mode binary: run {run.name}: {run.binary_mode_unsupported}")
     tokens = load_samples(run, settings.samples_file)
     ids = settings.samples.resolve(tokens.shape[0], "samples", "--samples")
     return Validator(run, tokens[ids], ids, settings)

@@ -203,6 +203,8 @@ def load_samples(
     ``n``/``seq_len`` apply to the dataset (``seq_len`` defaults to the smaller of the
     task's ``max_seq_len`` and the model's ``n_ctx``).
     """
+    if hasattr(run, "load_samples"):  # a param-decomp run reads its own
+        return run.load_samples(source, n=n, seq_len=seq_len)
     limits = {"vocab_size": run.vocab_size, "n_ctx": run.n_ctx}
     if source is None and run.samples is not None:
         return run.samples

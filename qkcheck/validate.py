@@ -26,7 +26,7 @@ from qkcheck.decompose import (
     decompose_layer,
 )
 from qkcheck.models.base import AttentionSpec, Capture
-from qkcheck.settings import Settings
+from qkcheck.settings import OptionError, Settings
 
 Item = tuple[int, int, int]  # (layer, sample, query_pos)
 
@@ -193,6 +193,9 @@ class Validator:
         self._row = {s: r for r, s in enumerate(sample_ids)}
         specs = run.layers
         layer_ids = settings.layers.resolve(len(specs), "layers", "--layers")
+        decomposed = getattr(run, "decomposed_layers", None)  # None: every layer is
+        if decomposed is not None:
+            layer_ids = _decomposed_only(layer_ids, decomposed, settings, run.name)
         self.specs: dict[int, AttentionSpec] = {i: specs[i] for i in layer_ids}
         T = tokens.shape[1]
         self.query_positions = settings.query_pos.resolve(T, "query positions", "--query-pos")
@@ -377,6 +380,20 @@ class Validator:
             "r_frac_of_logit_scale": median / max(var**0.5, 1e-30),
             "max_closure_error": float(max(float(g.closure_error.max()) for g in groups)),
         }
+
+
+def _decomposed_only(
+    layer_ids: list[int], decomposed: list[int], settings: Settings, run_name: str
+) -> list[int]:
+    """The selected layers that are decomposed; naming one that is not is an OptionError."""
+    if settings.layers.indices is not None:
+        bad = [i for i in layer_ids if i not in decomposed]
+        if bad:
+            raise OptionError(
+                f"--layers: layers {bad} of run {run_name} are not decomposed (q and k); "
+                f"decomposed layers: {decomposed}"
+            )
+    return [i for i in layer_ids if i in decomposed]
 
 
 @functools.lru_cache(maxsize=4)

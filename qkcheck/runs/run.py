@@ -69,7 +69,13 @@ def load_run(
     (see :mod:`qkcheck.runs.resolve`), optionally ending in ``@STEP``. ``step``: the checkpoint
     step (default: the latest). ``pretrain``: the target model's pretrain run (a directory,
     checkpoint or W&B reference), overriding the config's ``pretrained_model_name``/``_path``.
+    A param-decomp run (``p-xxxxxxxx`` forms, or a directory holding ``launch_config.yaml``)
+    loads as a :class:`~qkcheck.runs.param_decomp.ParamDecompRun` with the same interface.
     """
+    from qkcheck.runs.param_decomp import is_param_decomp, load_param_decomp_run
+
+    if is_param_decomp(source):
+        return load_param_decomp_run(source, step=step)  # type: ignore[return-value]
     spd_files = resolve_run(source, step)
     config = read_spd_config(spd_files.config)
     reference = pretrain if pretrain is not None else config.pretrained_reference
