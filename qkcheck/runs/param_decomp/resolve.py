@@ -121,8 +121,7 @@ def _from_dir(run_dir: Path, step: int | None, run_id: str) -> ParamDecompFiles:
         step = steps[-1]
     elif step not in steps:
         raise CheckpointError(
-            f"{ckpts}: no checkpoint for step {step}; steps present: "
-            f"{', '.join(map(str, steps))}"
+            f"{ckpts}: no checkpoint for step {step}; steps present: {', '.join(map(str, steps))}"
         )
     root = run_dir.parent.parent if run_dir.parent.name == "runs" else None
     return ParamDecompFiles(

@@ -139,9 +139,7 @@ class ParamDecompRun:
     def decomposed_layers(self) -> list[int]:
         """Attention layers with both q and k decomposed."""
         return [
-            sp.layer
-            for sp in self.layers
-            if sp.q_path in self._sites and sp.k_path in self._sites
+            sp.layer for sp in self.layers if sp.q_path in self._sites and sp.k_path in self._sites
         ]
 
     def components(self, path: str) -> tuple[Tensor, Tensor]:
@@ -258,4 +256,3 @@ class ParamDecompRun:
 
     def token_labels(self, ids: Tensor | Sequence[int]) -> list[str]:
         return self._labels(ids)
-

@@ -33,7 +33,7 @@ def find_dataset(name: str, roots: Sequence[Path]) -> Path:
 
 
 def dataset_tokens(name: str, roots: Sequence[Path], *, n: int, seq_len: int) -> np.ndarray:
-    """The first ``n`` rows of at least ``seq_len`` tokens, cut to ``seq_len``: ``(n', seq_len)``."""
+    """The first ``n`` rows of at least ``seq_len`` tokens, cut: ``(n', seq_len)``."""
     try:
         import pyarrow.parquet as pq  # optional extra: pip install 'qkcheck[param-decomp]'
     except ImportError:
