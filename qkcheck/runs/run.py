@@ -219,11 +219,17 @@ class Run:
     def vocab_size(self) -> int:
         return int(self.model.vocab_size)  # type: ignore[arg-type]
 
-    def capture(self, tokens: Tensor, modules: Collection[str] | None = None) -> Capture:
+    def capture(
+        self,
+        tokens: Tensor,
+        modules: Collection[str] | None = None,
+        document_ids: Tensor | None = None,
+    ) -> Capture:
         """One forward pass over ``tokens`` ``(batch, pos)``: every layer's attention input and
-        pre-softmax logits, and the input of every Linear (or only of those in ``modules``)."""
+        pre-softmax logits, and the input of every Linear (or only of those in ``modules``).
+        ``document_ids`` ``(batch, pos)``: see :mod:`qkcheck.documents`."""
         tokens = check_tokens(tokens, vocab_size=self.vocab_size, n_ctx=self.n_ctx)
-        return self.model.capture(tokens, modules)  # type: ignore[operator]
+        return self.model.capture(tokens, modules, document_ids=document_ids)  # type: ignore[operator]
 
     def target_attention_logits(self, tokens: Tensor) -> dict[int, Tensor]:
         """``layer -> (batch, head, query_pos, key_pos)`` pre-softmax logits from the target

@@ -202,8 +202,6 @@ class ParamDecompRun:
     ) -> Capture:
         """One forward pass over ``tokens`` ``(batch, pos)`` (see Run.capture)."""
         tokens = check_tokens(tokens, vocab_size=self.vocab_size, n_ctx=self.n_ctx)
-        if document_ids is None:
-            return self.model.capture(tokens, modules)
         return self.model.capture(tokens, modules, document_ids=document_ids)
 
     def target_attention_logits(self, tokens: Tensor) -> dict[int, Tensor]:
