@@ -117,6 +117,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "compare residual statistics against this stored baseline (validation/baselines/NAME/)",
     )
     add("--qk-batch-size", "qk_batch_size", 4, "samples per target forward pass")
+    add(
+        "--doc-ids",
+        "qk_doc_ids",
+        None,
+        "document ids per token (.npy/.pt, shaped like the samples; -1 = padding): positions "
+        "restart per document and only same-document keys count",
+    )
+    add("--doc-sep", "qk_doc_sep", None, "token id that starts each new document (see --doc-ids)")
 
 
 class _State:
@@ -169,7 +177,20 @@ def build_validator(settings):
         raise UnsupportedError(f"--mode binary: run {run.name}: {run.binary_mode_unsupported}")
     tokens = load_samples(run, settings.samples_file)
     ids = settings.samples.resolve(tokens.shape[0], "samples", "--samples")
-    return Validator(run, tokens[ids], ids, settings)
+    return Validator(
+        run, tokens[ids], ids, settings, document_ids=_document_ids(settings, tokens, ids)
+    )
+
+
+def _document_ids(settings, tokens, ids):
+    """Document ids of the selected samples from --doc-ids / --doc-sep, else None."""
+    from qkcheck.documents import ids_from_separator, read_document_ids
+
+    if settings.doc_ids is not None:
+        return read_document_ids(settings.doc_ids, tuple(tokens.shape))[ids]
+    if settings.doc_sep is not None:
+        return ids_from_separator(tokens[ids], settings.doc_sep)
+    return None
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -33,6 +33,8 @@ DEFAULTS = {
     "qk_gate_tolerance": 0.25,
     "qk_baseline": None,
     "qk_batch_size": 4,
+    "qk_doc_ids": None,
+    "qk_doc_sep": None,
 }
 
 
