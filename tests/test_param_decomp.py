@@ -458,3 +458,19 @@ def test_binary_mode_is_a_usage_error(tmp_path):
     assert res.returncode == 4
     assert "--mode binary: run p-5eed0a01: param-decomp's CI functions" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_the_suite_with_document_ids_skips_padding_queries(tmp_path):
+    ids = np.zeros((6, 32), dtype=np.int64)
+    ids[:, 10:] = 1
+    ids[1, 28:] = -1  # sample 1 ends in padding: its query 31 has no key
+    path = tmp_path / "doc_ids.npy"
+    np.save(path, ids)
+    res = _suite(FIXTURE, "--doc-ids", str(path), "--artifacts-dir", str(tmp_path / "a"))
+    assert res.returncode == 0, res.stdout[-3000:]
+    assert "10 passed" in res.stdout  # 2 layers × (3 + 2) items, no L*-S1-Q31
+    bad = tmp_path / "bad.npy"
+    np.save(bad, ids[:, :5])
+    res = _suite(FIXTURE, "--doc-ids", str(bad), "--artifacts-dir", str(tmp_path / "b"))
+    assert res.returncode == 4
+    assert "bad.npy: document ids have shape (6, 5), but the samples are (6, 32)" in res.stderr
