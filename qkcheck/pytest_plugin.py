@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from qkcheck.errors import QKCheckError
+from qkcheck.errors import QKCheckError, UnsupportedError
 
 GROUP = "qkcheck"
 #: what an item records for the session summary: {"item": {...}, "layer": {...},
@@ -117,6 +117,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "compare residual statistics against this stored baseline (validation/baselines/NAME/)",
     )
     add("--qk-batch-size", "qk_batch_size", 4, "samples per target forward pass")
+    add(
+        "--doc-ids",
+        "qk_doc_ids",
+        None,
+        "document ids per token (.npy/.pt, shaped like the samples; -1 = padding): positions "
+        "restart per document and only same-document keys count",
+    )
+    add("--doc-sep", "qk_doc_sep", None, "token id that starts each new document (see --doc-ids)")
 
 
 class _State:
@@ -179,12 +187,27 @@ def build_validator(settings):
     from qkcheck.validate import Validator
 
     run = load_run(settings.run_id)
+    if settings.mode == "binary" and getattr(run, "binary_mode_unsupported", None):
+        raise UnsupportedError(f"--mode binary: run {run.name}: {run.binary_mode_unsupported}")
     samples = run.load_samples(settings.samples_file)
     if samples.note:  # printed before the header (xdist workers' stdout is not shown)
         print(f"qkcheck: {samples.note}")
     tokens = samples.tokens
     ids = settings.samples.resolve(tokens.shape[0], "samples", "--samples")
-    return Validator(run, tokens[ids], ids, settings)
+    return Validator(
+        run, tokens[ids], ids, settings, document_ids=_document_ids(settings, tokens, ids)
+    )
+
+
+def _document_ids(settings, tokens, ids):
+    """Document ids of the selected samples from --doc-ids / --doc-sep, else None."""
+    from qkcheck.documents import ids_from_separator, read_document_ids
+
+    if settings.doc_ids is not None:
+        return read_document_ids(settings.doc_ids, tuple(tokens.shape))[ids]
+    if settings.doc_sep is not None:
+        return ids_from_separator(tokens[ids], settings.doc_sep)
+    return None
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -80,6 +80,8 @@ class Settings:
     gate_tolerance: float = 0.25
     baseline: str | None = None
     batch_size: int = 4
+    doc_ids: Path | None = None
+    doc_sep: int | None = None
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -233,4 +235,16 @@ def parse_settings(opt) -> Settings:
         gate_tolerance=number("--gate-tolerance", opt("qk_gate_tolerance"), float, 0.0),
         baseline=opt("qk_baseline"),
         batch_size=number("--qk-batch-size", opt("qk_batch_size"), int, 1),
+        **_documents(opt),
     )
+
+
+def _documents(opt) -> dict:
+    """``--doc-ids FILE`` / ``--doc-sep TOKEN_ID`` (at most one)."""
+    ids, sep = opt("qk_doc_ids"), opt("qk_doc_sep")
+    if ids and sep is not None:
+        raise OptionError("--doc-ids and --doc-sep: give one way to mark documents, not both")
+    return {
+        "doc_ids": Path(ids) if ids else None,
+        "doc_sep": None if sep is None else number("--doc-sep", sep, int, 0),
+    }

@@ -25,8 +25,9 @@ from qkcheck.decompose import (
     closure_tolerance,
     decompose_layer,
 )
+from qkcheck.documents import PADDING, document_mask, document_positions
 from qkcheck.models.base import AttentionSpec, Capture
-from qkcheck.settings import Settings
+from qkcheck.settings import OptionError, Settings
 from qkcheck.util import item_id
 
 Item = tuple[int, int, int]  # (layer, sample, query_pos)
@@ -181,14 +182,26 @@ class Validator:
     in the source. Read-only after construction apart from its caches.
     """
 
-    def __init__(self, run, tokens: Tensor, sample_ids: list[int], settings: Settings) -> None:
+    def __init__(
+        self,
+        run,
+        tokens: Tensor,
+        sample_ids: list[int],
+        settings: Settings,
+        document_ids: Tensor | None = None,
+    ) -> None:
         self.run = run
         self.settings = settings
         self.tokens = tokens
+        #: (n_samples, pos) document ids aligned with ``tokens`` (qkcheck.documents), or None
+        self.document_ids = document_ids
         self.sample_ids = sample_ids
         self._row = {s: r for r, s in enumerate(sample_ids)}
         specs = run.layers
         layer_ids = settings.layers.resolve(len(specs), "layers", "--layers")
+        decomposed = getattr(run, "decomposed_layers", None)  # None: every layer is
+        if decomposed is not None:
+            layer_ids = _decomposed_only(layer_ids, decomposed, settings, run.name)
         self.specs: dict[int, AttentionSpec] = {i: specs[i] for i in layer_ids}
         T = tokens.shape[1]
         self.query_positions = settings.query_pos.resolve(T, "query positions", "--query-pos")
@@ -212,6 +225,7 @@ class Validator:
             for s in self.sample_ids
             for layer in self.specs
             for q in self.query_positions
+            if self.document_ids is None or int(self.document_ids[self._row[s], q]) != PADDING
         ]
 
     def layout(self, layer: int) -> HeadLayout:
@@ -255,8 +269,15 @@ class Validator:
         b = row // bs
         cap = self._captures.hit(b)
         if cap is None:
+            ids = self.document_ids
             with torch.no_grad():
-                cap = self.run.capture(self.tokens[b * bs : (b + 1) * bs])
+                if ids is None:
+                    cap = self.run.capture(self.tokens[b * bs : (b + 1) * bs])
+                else:
+                    cap = self.run.capture(
+                        self.tokens[b * bs : (b + 1) * bs],
+                        document_ids=ids[b * bs : (b + 1) * bs],
+                    )
             self.n_forward += 1
             self._captures.put(b, cap)
         return cap, row - b * bs
@@ -281,15 +302,21 @@ class Validator:
         x = cap.attn_inputs[layer][row : row + 1].to(dtype=dtype, device=dev)
         target = cap.logits[layer][row : row + 1].to(dtype=dtype, device=dev)
         w, layout = self.weights(layer), self.layout(layer)
+        T = x.shape[1]
+        positions, allowed = None, causal_mask(T, device=dev)[None]  # (1, i, j)
+        if self.document_ids is not None:  # restarted positions, same-document keys only
+            ids = self.document_ids[self._row[sample]][None].to(dev)
+            positions, allowed = document_positions(ids)[0], document_mask(ids)
         with torch.no_grad():
-            dec = decompose_layer(x, w, layout, target=target, norm=self.settings.norm)
+            dec = decompose_layer(
+                x, w, layout, target=target, positions=positions, norm=self.settings.norm
+            )
             if self.settings.bound == "budget":
                 chosen = budget_bound(x, w, layout, self.settings.delta_budget, self.settings.norm)
             elif self.settings.bound == "data":
                 chosen = dec.data_bound
             else:
                 chosen = dec.weight_bound
-        T = x.shape[1]
         # rounding of the target model (float32 at best) and of this computation
         model_dtype = cap.logits[layer].dtype
         worst_dtype = (
@@ -302,8 +329,13 @@ class Validator:
             layout.head_dim,
             T,
         )
-        above = ~causal_mask(T, device=dev)[None]  # (1, i, j): key after query
-        low = _lower_flat(T, dev)  # the entries j ≤ i, as a boolean mask selects them
+        above = ~allowed  # (1, i, j): keys the query does not attend to
+        # the entries attended to (j ≤ i), as a boolean mask selects them
+        low = (
+            _lower_flat(T, dev)
+            if self.document_ids is None
+            else allowed[0].flatten().nonzero()[:, 0]
+        )
         cerr = dec.closure_error[0].masked_fill(above, 0).amax(dim=(0, 2))
         r = dec.residual[0]
         r_abs = r.abs()
@@ -373,6 +405,20 @@ class Validator:
             "r_frac_of_logit_scale": median / max(var**0.5, 1e-30),
             "max_closure_error": float(max(float(g.closure_error.max()) for g in groups)),
         }
+
+
+def _decomposed_only(
+    layer_ids: list[int], decomposed: list[int], settings: Settings, run_name: str
+) -> list[int]:
+    """The selected layers that are decomposed; naming one that is not is an OptionError."""
+    if settings.layers.indices is not None:
+        bad = [i for i in layer_ids if i not in decomposed]
+        if bad:
+            raise OptionError(
+                f"--layers: layers {bad} of run {run_name} are not decomposed (q and k); "
+                f"decomposed layers: {decomposed}"
+            )
+    return [i for i in layer_ids if i in decomposed]
 
 
 @functools.lru_cache(maxsize=4)

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from qkcheck.documents import document_mask, document_positions
 from qkcheck.errors import CheckpointError, ConfigError, SamplesError, UnsupportedError
 from qkcheck.models.base import AttentionSpec, Capture
 from qkcheck.rotary import RotaryConfig
@@ -99,16 +100,30 @@ class CapturingAttention(nn.Module):
         super().__init__()
         self.layer = layer
         self.sink: Capture | None = None
+        #: ``(batch, pos)`` document ids of the running capture (qkcheck.documents), or None
+        self.document_ids: Tensor | None = None
+
+    def positions(self, n_pos: int, device: torch.device) -> Tensor:
+        """Rotary positions: ``(pos,)`` ``0..pos-1``, or ``(batch, pos)`` restarting at each
+        document start when the capture has document ids."""
+        if self.document_ids is None:
+            return torch.arange(n_pos, device=device)
+        return document_positions(self.document_ids.to(device))
 
     def attend(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """Causal attention as spd's non-flash path computes it: ``q``/``k``/``v``
         ``(batch, head, pos, d_head)`` (keys already repeated per query head), scores
         ``q kᵀ / sqrt(d_head)`` recorded before the mask together with the input ``x``.
+        With document ids the mask is causal AND same document (a padding query attends to
+        itself only, so its output stays finite; its logits are never checked).
         Returns ``(batch, pos, head·d_head)``."""
         batch, _, n_pos, _ = q.shape
         scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
         self.record(x, scores)
         causal = torch.ones(n_pos, n_pos, dtype=torch.bool, device=x.device).tril()
+        if self.document_ids is not None:
+            eye = torch.eye(n_pos, dtype=torch.bool, device=x.device)
+            causal = (document_mask(self.document_ids.to(x.device)) | eye)[:, None]
         pattern = F.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)
         return (pattern @ v).transpose(1, 2).contiguous().view(batch, n_pos, -1)
 
@@ -141,6 +156,8 @@ class TargetModel(nn.Module):
     n_ctx: int
     vocab_size: int
     n_layer: int
+    #: ``(batch, pos)`` document ids while :meth:`capture` runs with them, else None
+    document_ids: Tensor | None = None
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], source: str = "") -> Self:
@@ -186,12 +203,24 @@ class TargetModel(nn.Module):
                 f"got range [{int(tokens.min())}, {int(tokens.max())}]"
             )
 
-    def capture(self, tokens: Tensor, modules: Collection[str] | None = None) -> Capture:
+    def capture(
+        self,
+        tokens: Tensor,
+        modules: Collection[str] | None = None,
+        document_ids: Tensor | None = None,
+    ) -> Capture:
         """One no-grad forward pass recording attention inputs, pre-mask logits, each
         block's input residual stream (``resid_pre``, before its norm) and the input of every
         Linear (keyed by module path, e.g. ``"h.0.attn.q_proj"``) — or only of those in
-        ``modules``."""
+        ``modules``. ``document_ids`` ``(batch, pos)`` (-1: padding): positions restart per
+        document and attention stays within it (see :mod:`qkcheck.documents`)."""
         self.check_tokens(tokens)
+        if document_ids is not None and tuple(document_ids.shape) != tuple(tokens.shape):
+            raise SamplesError(
+                f"document ids have shape {_shape(document_ids)}, tokens {_shape(tokens)}; "
+                "give one id per token"
+            )
+        self.document_ids = document_ids
         result = Capture()
         handles = []
         for path, module in self.named_modules():
@@ -201,15 +230,18 @@ class TargetModel(nn.Module):
                 handles.append(module.register_forward_pre_hook(_resid_recorder(result, path)))
             elif isinstance(module, CapturingAttention):
                 module.sink = result
+                module.document_ids = document_ids
         try:
             with torch.no_grad():
                 self(tokens)
         finally:
             for handle in handles:
                 handle.remove()
+            self.document_ids = None
             for module in self.modules():
                 if isinstance(module, CapturingAttention):
                     module.sink = None
+                    module.document_ids = None
         return result
 
     def init_weights(self) -> None:

@@ -15,6 +15,7 @@ from typing import Any, ClassVar, Self
 import torch
 from torch import Tensor, nn
 
+from qkcheck.documents import document_positions
 from qkcheck.models.base import AttentionSpec
 from qkcheck.models.common import CapturingAttention, ConfigReader, TargetModel, new_gelu
 
@@ -144,6 +145,8 @@ class GPT2Simple(TargetModel):
         """``(batch, pos)`` token ids -> ``(batch, pos, vocab)`` next-token logits."""
         self.check_tokens(tokens)
         positions = torch.arange(tokens.shape[1], device=tokens.device)
+        if self.document_ids is not None:  # positions restart per document
+            positions = document_positions(self.document_ids.to(tokens.device))
         x = self.wte(tokens) + self.wpe(positions)
         for block in self.h:
             x = block(x)

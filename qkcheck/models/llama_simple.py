@@ -152,9 +152,11 @@ class LlamaAttention(CapturingAttention):
         k = self.k_proj(x).view(batch, n_pos, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, n_pos, self.n_kv_heads, self.head_dim).transpose(1, 2)
 
-        positions = torch.arange(n_pos, device=x.device).clamp(max=self.n_ctx - 1)
-        cos = self.rotary_cos[positions].to(q.dtype)  # (pos, head_dim)
+        positions = self.positions(n_pos, x.device).clamp(max=self.n_ctx - 1)
+        cos = self.rotary_cos[positions].to(q.dtype)  # (pos, head_dim) or (batch, pos, …)
         sin = self.rotary_sin[positions].to(q.dtype)
+        if positions.ndim == 2:  # per-sample positions (document ids): broadcast over heads
+            cos, sin = cos[:, None], sin[:, None]
         q = q * cos + self._rotate_pairs(q) * sin
         k = k * cos + self._rotate_pairs(k) * sin
 

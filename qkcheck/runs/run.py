@@ -77,7 +77,13 @@ def load_run(
     (see :mod:`qkcheck.runs.resolve`), optionally ending in ``@STEP``. ``step``: the checkpoint
     step (default: the latest). ``pretrain``: the target model's pretrain run (a directory,
     checkpoint or W&B reference), overriding the config's ``pretrained_model_name``/``_path``.
+    A param-decomp run (``p-xxxxxxxx`` forms, or a directory holding ``launch_config.yaml``)
+    loads as a :class:`~qkcheck.runs.param_decomp.ParamDecompRun` with the same interface.
     """
+    from qkcheck.runs.param_decomp import is_param_decomp, load_param_decomp_run
+
+    if is_param_decomp(source):
+        return load_param_decomp_run(source, step=step)  # type: ignore[return-value]
     spd_files = resolve_run(source, step)
     config = read_spd_config(spd_files.config)
     reference = pretrain if pretrain is not None else config.pretrained_reference
@@ -221,11 +227,17 @@ class Run:
     def vocab_size(self) -> int:
         return int(self.model.vocab_size)  # type: ignore[arg-type]
 
-    def capture(self, tokens: Tensor, modules: Collection[str] | None = None) -> Capture:
+    def capture(
+        self,
+        tokens: Tensor,
+        modules: Collection[str] | None = None,
+        document_ids: Tensor | None = None,
+    ) -> Capture:
         """One forward pass over ``tokens`` ``(batch, pos)``: every layer's attention input and
-        pre-softmax logits, and the input of every Linear (or only of those in ``modules``)."""
+        pre-softmax logits, and the input of every Linear (or only of those in ``modules``).
+        ``document_ids`` ``(batch, pos)``: see :mod:`qkcheck.documents`."""
         tokens = check_tokens(tokens, vocab_size=self.vocab_size, n_ctx=self.n_ctx)
-        return self.model.capture(tokens, modules)  # type: ignore[operator]
+        return self.model.capture(tokens, modules, document_ids=document_ids)  # type: ignore[operator]
 
     def target_attention_logits(self, tokens: Tensor) -> dict[int, Tensor]:
         """``layer -> (batch, head, query_pos, key_pos)`` pre-softmax logits from the target
