@@ -125,6 +125,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "restart per document and only same-document keys count",
     )
     add("--doc-sep", "qk_doc_sep", None, "token id that starts each new document (see --doc-ids)")
+    g.addoption(
+        "--record-partial",
+        dest="qk_record_partial",
+        action="store_true",
+        default=False,
+        help="with --force-regen/--regen-all: allow recording this run's baseline from a "
+        "selection of samples or layers",
+    )
 
 
 class _State:
@@ -144,6 +152,19 @@ class _State:
         self.figures: list[str] = []
         self.plots_left_out = 0
         self.figure_errors: list[str] = []
+        # summary bookkeeping (controller): final outcome per test, why a session stopped
+        self.outcomes: dict[str, str] = {}
+        self.gate_tests: set[str] = set()
+        self.gate_failures: dict[str, str] = {}
+        self.baselines: dict[int, dict[str, Any]] = {}
+        self.finished = 0
+        self.reason: str | None = None
+        self.signal: str | None = None
+        self.finishing = False
+        self.summary: dict[str, Any] | None = None
+        self.summary_path: Path | None = None
+        self._previous_sigterm: Any = None
+        self.measured = None  # qkcheck.gate.Measured, built by the first qk_baseline
 
     @property
     def validator(self):
@@ -168,6 +189,7 @@ class _State:
             lock.release()
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        self._count(report)
         data = getattr(report, "qkcheck", None)
         if not data or report.when != "call":
             return
@@ -175,10 +197,165 @@ class _State:
             self.items.append(data["item"])
         if "layer" in data:
             self.layers.setdefault(data["layer"]["layer"], {}).update(data["layer"])
+        if "baseline" in data:
+            self.baselines[data["baseline"]["layer"]] = data["baseline"]
         self.figures.extend(data.get("figures", []))
         self.plots_left_out += data.get("left_out", 0)
         if "figure_error" in data:
             self.figure_errors.append(f"{report.nodeid}: {data['figure_error']}")
+
+    # --- the summary's verdict: outcomes, completeness, interruptions ------------------------
+
+    def _count(self, report: pytest.TestReport) -> None:
+        """Final outcome per test (failed > error > skipped > passed) and gate failures."""
+        nodeid, before = report.nodeid, self.outcomes.get(report.nodeid)
+        if report.when == "teardown":
+            self.finished += 1
+        if report.failed:
+            now = "failed" if report.when == "call" else "errors"
+        elif report.skipped and report.when in ("setup", "call"):
+            now = "skipped"
+        elif report.passed and report.when == "call":
+            now = "passed"
+        else:
+            return
+        rank = ("passed", "skipped", "errors", "failed")
+        if before is None or rank.index(now) > rank.index(before):
+            self.outcomes[nodeid] = now
+        if "qk_gate" in report.keywords:
+            self.gate_tests.add(nodeid)
+            if report.failed and nodeid not in self.gate_failures:
+                self.gate_failures[nodeid] = _failure_message(report)
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_sessionstart(self, session: pytest.Session) -> None:
+        """Replace a previous session's summary by one saying this session has not finished,
+        so an interrupted or killed run never leaves a stale verdict next to new figures."""
+        if not self._writes_summary():
+            return
+        import datetime
+
+        from qkcheck.report import unfinished_summary, write_json
+
+        started = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+        self.summary_path = self.artifacts / "summary.json"
+        write_json(
+            unfinished_summary(self.validator.run.name, self.settings, started, os.getpid()),
+            self.summary_path,
+        )
+
+    def pytest_keyboard_interrupt(self, excinfo: pytest.ExceptionInfo) -> None:
+        v = excinfo.value
+        if self.signal:
+            self.reason = f"interrupted: {self.signal}"
+        elif isinstance(v, pytest.exit.Exception):
+            self.reason = f"stopped by pytest.exit: {v.msg}"
+        elif type(v) is KeyboardInterrupt:
+            self.reason = "interrupted: KeyboardInterrupt (Ctrl-C)"
+        else:  # xdist's or pytest's Interrupted: -x/--maxfail, stepwise, a worker's Ctrl-C
+            self.reason = f"stopped early: {v}"
+
+    def pytest_internalerror(self, excinfo: pytest.ExceptionInfo) -> None:
+        if self.reason is None:
+            first = (str(excinfo.value).splitlines() or [""])[0]
+            self.reason = f"internal error: {type(excinfo.value).__name__}: {first}".rstrip(": ")
+
+    def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
+        """Write the summary (atomically) with the verdict pytest exits with."""
+        self.finishing = True
+        if not self._writes_summary():
+            return
+        from qkcheck.report import build_summary, write_json
+
+        reason = self.reason or _stop_reason(session, int(exitstatus), self.finished)
+        gate = {
+            k: sum(self.outcomes.get(t) == k for t in self.gate_tests)
+            for k in ("passed", "failed", "errors", "skipped")
+        }
+        gate["failed"] += gate.pop("errors")
+        gate["failures"] = [{"test": t, "message": m} for t, m in self.gate_failures.items()]
+        gate["notes"] = [
+            f"layer {layer}: {note}"
+            for layer, b in sorted(self.baselines.items())
+            if b["outcome"] in ("compared", "worse")
+            for note in b["notes"]
+        ]
+        tests = {k: sum(v == k for v in self.outcomes.values()) for k in _OUTCOMES}
+        self.summary = build_summary(
+            self.validator.run.name,
+            self.settings,
+            self.items,
+            self.layers,
+            self.figures,
+            self.plots_left_out,
+            exit_status=int(exitstatus),
+            complete=reason is None,
+            reason=reason,
+            gate=gate,
+            tests=tests,
+        )
+        self.summary_path = write_json(self.summary, self.artifacts / "summary.json")
+
+    def _writes_summary(self) -> bool:
+        """Only the controller of a qkcheck session writes the summary (not for
+        ``--collect-only``)."""
+        c = self.config
+        return (
+            self.settings is not None
+            and not hasattr(c, "workerinput")
+            and not c.getoption("collectonly", default=False)
+        )
+
+    def install_sigterm(self) -> None:
+        """SIGTERM (a CI job cancelled, ``kill``) becomes an interruption, like Ctrl-C, so
+        the session finishes and its summary says so; only where nobody else handles it."""
+        import signal
+        import threading
+
+        if (
+            threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+        ):
+            return
+
+        def on_sigterm(signum, frame):
+            self.signal = "SIGTERM"
+            if not self.finishing:  # while the summary is written, let it finish
+                raise KeyboardInterrupt("SIGTERM")
+
+        self._previous_sigterm = signal.signal(signal.SIGTERM, on_sigterm)
+
+    def pytest_unconfigure(self, config: pytest.Config) -> None:
+        self.release_artifacts()  # no lock or figure-slot files are left behind
+        if self._previous_sigterm is not None:
+            import signal
+
+            signal.signal(signal.SIGTERM, self._previous_sigterm)
+            self._previous_sigterm = None
+
+
+_OUTCOMES = ("passed", "failed", "errors", "skipped")
+
+
+def _failure_message(report: pytest.TestReport) -> str:
+    crash = getattr(report.longrepr, "reprcrash", None)
+    text = getattr(crash, "message", None) or str(report.longrepr)
+    return text.strip()
+
+
+def _stop_reason(session: pytest.Session, exitstatus: int, finished: int) -> str | None:
+    """Why a session that was not interrupted did not run all its tests, or ``None``."""
+    if session.shouldfail:
+        return f"stopped early: {session.shouldfail}"
+    if session.shouldstop:
+        return f"stopped early: {session.shouldstop}"
+    if exitstatus == pytest.ExitCode.INTERRUPTED:
+        return "interrupted"
+    if exitstatus == pytest.ExitCode.INTERNAL_ERROR:
+        return "internal error"
+    if finished < session.testscollected:
+        return f"{session.testscollected - finished} of {session.testscollected} tests did not run"
+    return None
 
 
 def build_validator(settings):
@@ -212,16 +389,26 @@ def _document_ids(settings, tokens, ids):
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "qkcheck: a qkcheck validation item")
+    config.addinivalue_line("markers", "qk_gate: a run-level quality-gate test of qkcheck")
+    # qkcheck marks its groups for pytest-xdist; without xdist the marker must still be known
+    config.addinivalue_line(
+        "markers", "xdist_group(name): pytest-xdist --dist loadgroup runs a group on one worker"
+    )
+    from qkcheck.gate import check_options, check_selection
+
+    check_options(config)  # before the run is loaded: refused combinations cost nothing
     try:
         state = _State(config)
         if state.settings is not None:
-            state.validator  # noqa: B018 — load the run now: a bad run is a usage error
+            check_selection(config, state.validator)  # loads the run: a bad one is a usage error
         if state.settings is not None and not hasattr(config, "workerinput"):
             state.lock_artifacts()
     except QKCheckError as e:
         raise pytest.UsageError(str(e)) from None
     config.stash[_STATE] = state
     config.pluginmanager.register(state, "qkcheck-session")
+    if state.settings is not None and not hasattr(config, "workerinput"):
+        state.install_sigterm()
     workers = getattr(config, "workerinput", {}).get("workercount")
     if state.settings is not None and workers:
         import torch  # already imported by the run
@@ -276,6 +463,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     v = state.validator
     from qkcheck.util import item_id
 
+    gate = pytest.mark.qk_gate
     if "qk_item" in names:
         params = [
             pytest.param(
@@ -286,13 +474,16 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("qk_item", params)
     if "qk_layer" in names:
         params = [
-            pytest.param(layer, id=f"L{layer}", marks=pytest.mark.xdist_group("qk-quality"))
+            pytest.param(layer, id=f"L{layer}", marks=[pytest.mark.xdist_group("qk-quality"), gate])
             for layer in v.layers
         ]
         metafunc.parametrize("qk_layer", params)
     if "qk_module" in names:
         paths = [p for sp in v.specs.values() for p in (sp.q_path, sp.k_path)]
-        params = [pytest.param(p, id=p, marks=pytest.mark.xdist_group("qk-quality")) for p in paths]
+        params = [
+            pytest.param(p, id=p, marks=[pytest.mark.xdist_group("qk-quality"), gate])
+            for p in paths
+        ]
         metafunc.parametrize("qk_module", params)
 
 
@@ -317,6 +508,28 @@ def qk_record(request: pytest.FixtureRequest):
         request.node.stash.setdefault(_RECORD, {})[kind] = data
 
     return record
+
+
+@pytest.fixture
+def qk_baseline(request: pytest.FixtureRequest, qk, qk_settings, qk_record):
+    """The session's baseline policy, a :class:`~qkcheck.gate.BaselineGate`:
+    ``qk_baseline.check(layer, stats)`` records, skips, compares or fails. Baselines live
+    in ``baselines/`` next to the test module."""
+    from qkcheck.gate import BaselineGate, Measured, recording_flag
+
+    state = _state(request.config)
+    if state.measured is None:
+        state.measured = Measured(qk)
+    flag = recording_flag(request.config)
+    return BaselineGate(
+        root=request.path.parent / "baselines",
+        name=qk_settings.baseline or qk.run.name,
+        own=qk_settings.baseline is None,
+        mode="compare" if flag is None else "force" if flag == "--force-regen" else "record",
+        tolerance=qk_settings.gate_tolerance,
+        measured=state.measured,
+        record=qk_record,
+    )
 
 
 # --- artifacts: figures for failed (or all) items -------------------------------------------
@@ -403,21 +616,18 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
     state = _state(config)
-    if state.settings is None or hasattr(config, "workerinput"):
+    summary = state.summary
+    if summary is None or hasattr(config, "workerinput"):
         return
-    if not state.items and not state.layers:
-        return
-    from qkcheck.report import build_summary, format_table, write_json
+    from qkcheck.report import format_table
 
-    run_name, artifacts = state.validator.run.name, state.artifacts
-    summary = build_summary(
-        run_name, state.settings, state.items, state.layers, state.figures, state.plots_left_out
-    )
-    path = write_json(summary, artifacts / "summary.json")
     tr = terminalreporter
     tr.section("qkcheck summary")
-    for line in format_table(summary):
-        tr.write_line(line)
+    if summary["totals"]["items"] or summary["layers"]:
+        for line in format_table(summary):
+            tr.write_line(line)
+    for note in summary["gate"]["notes"]:
+        tr.write_line(f"baseline {state.settings.baseline or summary['run']}, {note}")
     if summary["figures"]["left_out"]:
         tr.write_line(
             f"{summary['figures']['left_out']} item(s) due a figure got none (--max-plots "
@@ -425,12 +635,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
         )
     for line in state.figure_errors:
         tr.write_line(f"figure failed: {line}", red=True)
-    tr.write_line(f"figures: {len(summary['figures']['paths'])} in {artifacts}")
-    tr.write_line(f"summary: {path}")
-
-
-def pytest_unconfigure(config: pytest.Config) -> None:
-    """Release the artifacts directory; no figure-slot files are left behind."""
-    state = config.stash.get(_STATE, None)
-    if state is not None:
-        state.release_artifacts()
+    tr.write_line(f"figures: {len(summary['figures']['paths'])} in {state.artifacts}")
+    verdict = "passed" if summary["passed"] else "failed"
+    if not summary["complete"]:
+        verdict = f"INCOMPLETE ({summary['reason']})"
+    tr.write_line(f"summary: {state.summary_path} — {verdict}")

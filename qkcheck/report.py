@@ -3,6 +3,14 @@
 JSON schema (``summary.json`` in the artifacts directory)::
 
     {"run": str, "settings": {option: value as text},
+     "complete": bool,            # every selected test ran (no interruption, -x, crash)
+     "reason": str | null,        # why not complete
+     "passed": bool,              # complete and pytest's exit status is 0
+     "exit_status": int,          # pytest's exit status (0 ok, 1 failures, 2 interrupted, …)
+     "tests": {"passed", "failed", "errors", "skipped": int},   # every test, final outcome
+     "gate": {"passed", "failed", "skipped": int,              # the run-level quality tests
+              "failures": [{"test": nodeid, "message": str}],
+              "notes": [str]},    # what a passing comparison should say (e.g. other samples)
      "totals": {"items": int, "passed": int, "failed": int},
      "layers": {"<layer>": {"items", "passed", "failed": int,
                             "worst_ratio": float, "worst_item": str,   # max |r|/B and where
@@ -12,7 +20,9 @@ JSON schema (``summary.json`` in the artifacts directory)::
      "figures": {"paths": [str], "left_out": int}}
 
 Residual statistics and Δ fractions come from the run-level quality tests; they are null
-when those were deselected.
+when those were deselected. While a session runs, the file is :func:`unfinished_summary`
+(``"complete": false``, ``"exit_status": null``): a run that is killed leaves that, never
+the previous run's verdict.
 """
 
 from __future__ import annotations
@@ -33,9 +43,17 @@ def build_summary(
     layers: Mapping[int, Mapping[str, Any]],
     figures: Iterable[str],
     left_out: int,
+    *,
+    exit_status: int = 0,
+    complete: bool = True,
+    reason: str | None = None,
+    gate: Mapping[str, Any] | None = None,
+    tests: Mapping[str, int] | None = None,
 ) -> dict[str, Any]:
     """Aggregate per-item records (``layer``, ``sample``, ``query_pos``, ``passed``,
-    ``ratio``, ``closure_error``) and per-layer quality records into the summary."""
+    ``ratio``, ``closure_error``) and per-layer quality records into the summary, with the
+    session's verdict (``exit_status``, ``complete``/``reason``, ``gate`` and ``tests``
+    counts)."""
     per_layer: dict[int, dict[str, Any]] = {}
     for it in items:
         row = per_layer.setdefault(
@@ -73,11 +91,17 @@ def build_summary(
     for row in per_layer.values():
         for key in ("median_abs_r", "p99_abs_r", "r_frac_of_logit_scale", "delta_q", "delta_k"):
             row.setdefault(key, None)
-    settings_text = {k: str(v) for k, v in dataclasses.asdict(settings).items()} if settings else {}
+    rows = per_layer.values()
     return {
         "run": run,
-        "settings": settings_text,
-        "totals": totals(per_layer.values()),
+        "settings": _settings_text(settings),
+        "complete": complete,
+        "reason": reason,
+        "passed": complete and exit_status == 0,
+        "exit_status": exit_status,
+        "tests": dict(tests or {"passed": 0, "failed": 0, "errors": 0, "skipped": 0}),
+        "gate": dict(gate or {"passed": 0, "failed": 0, "skipped": 0, "failures": [], "notes": []}),
+        "totals": totals(rows),
         "layers": {str(k): per_layer[k] for k in sorted(per_layer)},
         "figures": {"paths": sorted(figures), "left_out": left_out},
     }
@@ -87,6 +111,25 @@ def totals(rows: Iterable[Mapping[str, Any]]) -> dict[str, int]:
     """The summary's ``totals`` block: items, passed and failed summed over per-layer rows."""
     rows = list(rows)
     return {key: sum(r[key] for r in rows) for key in ("items", "passed", "failed")}
+
+
+def unfinished_summary(run: str, settings: Any, started: str, pid: int) -> dict[str, Any]:
+    """What ``summary.json`` holds while a session runs (and after it was killed)."""
+    return {
+        "run": run,
+        "settings": _settings_text(settings),
+        "complete": False,
+        "reason": (
+            f"did not finish: the session started at {started} (pid {pid}) has not written "
+            f"its summary — still running, or killed"
+        ),
+        "passed": False,
+        "exit_status": None,
+    }
+
+
+def _settings_text(settings: Any) -> dict[str, str]:
+    return {k: str(v) for k, v in dataclasses.asdict(settings).items()} if settings else {}
 
 
 def format_table(summary: Mapping[str, Any]) -> list[str]:

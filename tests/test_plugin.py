@@ -8,37 +8,17 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
-from tests.conftest import GENUINE, GENUINE_RUN_ID
+from tests.conftest import GENUINE_RUN_ID
+from tests.pytester_suite import TOKENS, make_suite, run, summary_path
 
 pytest_plugins = ["pytester"]
 
-VALIDATION = Path(__file__).parents[1] / "validation"
-TOKENS = str(GENUINE / "reference" / "tokens.pt")
+suite = pytest.fixture(make_suite, name="suite")
 
-
-@pytest.fixture
-def suite(pytester: pytest.Pytester) -> pytest.Pytester:
-    """validation/ copied into a pytester directory, with the genuine run on SPD_OUT_DIR."""
-    pytester.makeconftest((VALIDATION / "conftest.py").read_text())
-    for name in ("test_items.py", "test_quality.py"):
-        shutil.copy(VALIDATION / name, pytester.path / name)
-    pytester.makeini("[pytest]\naddopts = -p no:cacheprovider -p no:randomly\n")
-    pytester._monkeypatch.setenv("SPD_OUT_DIR", str(GENUINE / "spd_out"))
-    return pytester
-
-
-def run(suite: pytest.Pytester, *args: str) -> pytest.RunResult:
-    return suite.runpytest_subprocess(
-        "--run-id",
-        GENUINE_RUN_ID,
-        "--samples-file",
-        TOKENS,
-        "--artifacts-dir",
-        str(suite.path / "art"),
-        *args,
-    )
+COMMITTED = Path(__file__).parents[1] / "validation" / "baselines" / GENUINE_RUN_ID
 
 
 def test_the_suite_without_a_run_gives_a_one_line_usage_message(suite):
@@ -66,6 +46,10 @@ def test_items_are_ids_by_layer_sample_and_query_and_the_header_shows_the_settin
 
 
 def test_figures_of_selected_items_are_attached_to_the_junit_xml(suite):
+    """Each attachment is an existing PNG of that item, and they are exactly the figures
+    written to disk and listed in the summary."""
+    import xml.etree.ElementTree as ET
+
     xml = suite.path / "out.xml"
     result = run(
         suite,
@@ -86,35 +70,194 @@ def test_figures_of_selected_items_are_attached_to_the_junit_xml(suite):
         "junit_logging=system-out",
     )
     result.assert_outcomes(passed=3)
-    attached = re.findall(r"\[\[ATTACHMENT\|(.+?)\]\]", xml.read_text())
-    assert len(attached) == 4 and all(Path(p).is_file() for p in attached)
-    summary = json.loads((suite.path / "art" / "summary.json").read_text())
+    attached: dict[str, list[Path]] = {}
+    for case in ET.parse(xml).getroot().iter("testcase"):
+        item = re.search(r"\[(L\d+-S\d+-Q\d+)\]", case.get("name")).group(1)
+        out = "".join(e.text or "" for e in case.iter("system-out"))
+        attached[item] = [Path(p) for p in re.findall(r"\[\[ATTACHMENT\|(.+?)\]\]", out)]
+    assert sorted(attached) == ["L0-S0-Q3", "L0-S0-Q4", "L0-S0-Q5"]
+    with_figures = [i for i, paths in attached.items() if paths]
+    assert len(with_figures) == 2  # --max-plots 2: the third item is left out
+    for item, paths in attached.items():
+        _, layer, sample, query = re.match(r"(L(\d+)-S(\d+)-Q(\d+))", item).groups()
+        for p in paths:
+            assert p.is_file() and p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", p
+            assert f"_L{layer}_S{sample}_Q{query}_" in p.name, (item, p)
+    on_disk = {p.resolve() for p in (suite.path / "art").rglob("*.png")}
+    all_attached = {p.resolve() for paths in attached.values() for p in paths}
+    assert all_attached == on_disk and len(on_disk) == 4
+
+    path = summary_path(suite)
+    summary = json.loads(path.read_text())
     assert summary["figures"]["left_out"] == 1
-    assert sorted(summary["figures"]["paths"]) == sorted(
-        str(Path(p).relative_to(suite.path)) if not Path(p).is_absolute() else p
-        for p in summary["figures"]["paths"]
-    )
+
+    def located(p: str) -> Path:
+        candidates = [Path(p), suite.path / p, path.parent / p]
+        return next((c.resolve() for c in candidates if c.is_file()), Path(p))
+
+    assert {located(p) for p in summary["figures"]["paths"]} == on_disk
 
 
-def test_a_baseline_is_recorded_then_gates_one_sidedly(suite):
-    args = ("-k", "test_quality", "--query-pos", "last")
-    first = run(suite, *args, "-rs")
+QUALITY = ("-k", "test_quality", "--query-pos", "last")
+
+
+def _accepted(suite: pytest.Pytester) -> Path:
+    """A committed-looking accepted baseline (the genuine run's) under another name."""
+    accepted = suite.path / "baselines" / "accepted"
+    shutil.copytree(COMMITTED, accepted)
+    return accepted
+
+
+@pytest.mark.parametrize("regen", ["--regen-all", "--force-regen"])
+def test_recording_with_another_runs_baseline_is_refused_and_leaves_its_files_alone(suite, regen):
+    accepted = _accepted(suite)
+    before = {p.name: p.read_bytes() for p in accepted.iterdir()}
+    result = run(suite, *QUALITY, "--baseline", "accepted", regen)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    err = result.stderr.str()
+    assert f"ERROR: --baseline accepted with {regen}:" in err and "Traceback" not in err
+    assert "collected" not in result.stdout.str()  # refused before any test ran
+    assert {p.name: p.read_bytes() for p in accepted.iterdir()} == before
+    assert sorted(p.name for p in (suite.path / "baselines").iterdir()) == ["accepted"]
+
+
+def test_a_baseline_is_recorded_with_its_provenance_then_gates_one_sidedly(suite):
+    first = run(suite, *QUALITY, "-rs")
     first.assert_outcomes(passed=4, skipped=2)
     assert "gated by budgets only — record one with --force-regen" in first.stdout.str()
-    run(suite, *args, "--regen-all").assert_outcomes(passed=6)
+    run(suite, *QUALITY, "--regen-all").assert_outcomes(passed=6)
     recorded = suite.path / "baselines" / GENUINE_RUN_ID / "L0.yml"
-    stats = yaml.safe_load(recorded.read_text())
-    assert set(stats) >= {"median_abs_r", "p99_abs_r", "worst_ratio", "delta_q", "delta_k"}
+    data = yaml.safe_load(recorded.read_text())
+    assert set(data["metrics"]) == {
+        "median_abs_r",
+        "p99_abs_r",
+        "worst_ratio",
+        "r_frac_of_logit_scale",
+        "delta_q",
+        "delta_k",
+    }
+    assert data["measured"] == {
+        "run": GENUINE_RUN_ID,
+        "step": data["measured"]["step"],
+        "layer": 0,
+        "samples": 8,
+        "samples_sha256": data["measured"]["samples_sha256"],
+        "query_positions": "0-63",
+        "bound": "weight",
+        "norm": "spectral",
+        "dtype": "float32",
+        "qkcheck": data["measured"]["qkcheck"],
+    }
+    assert data["measured"] == yaml.safe_load((COMMITTED / "L0.yml").read_text())["measured"]
+
+    # an unchanged run re-recorded with --force-regen: no "baseline changed", file untouched
+    written = recorded.read_bytes()
+    again = run(suite, *QUALITY, "--force-regen")
+    again.assert_outcomes(passed=6)
+    assert recorded.read_bytes() == written
 
     # against a baseline that was much better, this run is worse: layer 0's gate fails
-    recorded.write_text(yaml.safe_dump({k: v / 2 for k, v in stats.items()}))
+    data["metrics"] = {k: v / 2 for k, v in data["metrics"].items()}
+    recorded.write_text(yaml.safe_dump(data))
     # and a named baseline that lacks layer 0 is an error for that layer
     other = suite.path / "baselines" / "accepted" / "L1.yml"
     other.parent.mkdir()
     shutil.copy(suite.path / "baselines" / GENUINE_RUN_ID / "L1.yml", other)
-    own = run(suite, *args)
+    own = run(suite, *QUALITY)
     own.assert_outcomes(passed=5, failed=1)
     assert "layer 0 is worse than baseline s-5eed0002" in own.stdout.str()
-    named = run(suite, *args, "--baseline", "accepted")
+    named = run(suite, *QUALITY, "--baseline", "accepted")
     named.assert_outcomes(passed=5, failed=1)
     assert "--baseline accepted: no baseline for layer 0" in named.stdout.str()
+
+
+def test_statistics_measured_differently_are_refused_not_gated(suite):
+    accepted = _accepted(suite)
+    out = run(suite, *QUALITY, "--baseline", "accepted", "--bound", "data", "--samples", "2")
+    out.assert_outcomes(passed=4, failed=2)
+    text = out.stdout.str()
+    assert text.count("cannot compare with baseline accepted: measured differently") == 2
+    assert "samples: 2 here, 8 in the baseline" in text
+    assert "bound: data here, weight in the baseline" in text
+    assert "worse than baseline" not in text
+    # the same number of other samples is compared, and the gate says so
+    tokens = torch.load(TOKENS, weights_only=True)
+    flipped = suite.path / "flipped.pt"
+    torch.save(tokens.flip(0).clone(), flipped)
+    for p in accepted.iterdir():  # this run's own numbers, so the comparison passes
+        shutil.copy(COMMITTED / p.name, p)
+    other = suite.runpytest_subprocess(
+        "--run-id",
+        GENUINE_RUN_ID,
+        "--samples-file",
+        str(flipped),
+        "--artifacts-dir",
+        str(suite.path / "art"),
+        *QUALITY,
+        "--baseline",
+        "accepted",
+    )
+    other.assert_outcomes(passed=6)
+    assert other.stdout.str().count("measured on other samples (sha256 ") == 2
+
+
+@pytest.mark.parametrize(
+    ("line", "key"),
+    [
+        ("  median_abs_r: .nan", "metrics.median_abs_r"),
+        ("  p99_abs_r: null", "metrics.p99_abs_r"),
+        ("  worst_ratio: '0.1'", "metrics.worst_ratio"),
+    ],
+)
+def test_a_malformed_baseline_fails_the_gate_with_one_line(suite, line, key):
+    accepted = _accepted(suite)
+    path = accepted / "L0.yml"
+    name = line.split(":")[0].strip()
+    lines = path.read_text().splitlines()
+    at = next(i for i, ln in enumerate(lines) if ln.strip().startswith(name + ":"))
+    indent = lines[at][: len(lines[at]) - len(lines[at].lstrip())]
+    lines[at] = indent + line.strip()
+    path.write_text("\n".join(lines) + "\n")
+    out = run(suite, *QUALITY, "--baseline", "accepted", "--layers", "0")
+    out.assert_outcomes(passed=2, failed=1)
+    (message,) = [ln for ln in out.stdout.lines if ln.startswith(f"{path}: {key}: expected")]
+    assert out.stdout.lines.count(message) == 1  # one line, said once (no chained traceback)
+    assert "Traceback" not in out.stdout.str() and "During handling" not in out.stdout.str()
+
+
+def test_recording_from_a_selection_needs_record_partial(suite):
+    refused = run(suite, *QUALITY, "--samples", "2", "--regen-all")
+    assert refused.ret == pytest.ExitCode.USAGE_ERROR
+    assert (
+        "--regen-all: recording a baseline from a selection (--samples 2)" in refused.stderr.str()
+    )
+    assert "--record-partial" in refused.stderr.str()
+    assert not (suite.path / "baselines").exists()
+    run(suite, *QUALITY, "--samples", "2", "--regen-all", "--record-partial").assert_outcomes(
+        passed=6
+    )
+    data = yaml.safe_load((suite.path / "baselines" / GENUINE_RUN_ID / "L1.yml").read_text())
+    assert data["measured"]["samples"] == 2
+
+
+def test_the_suite_collects_without_pytest_xdist(suite):
+    result = run(suite, "--collect-only", "-q", "-p", "no:xdist", "--samples", "1")
+    assert result.ret == pytest.ExitCode.OK, result.stdout.str() + result.stderr.str()
+    assert f"{2 * 64 + 6} tests collected" in result.stdout.str()
+
+
+def test_last_failed_reruns_only_the_failures_with_the_project_config(suite):
+    import tomllib
+
+    config = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    addopts = config["tool"]["pytest"]["ini_options"]["addopts"]
+    suite.makeini(f"[pytest]\naddopts = {addopts} -p no:randomly\n")
+    # the --samples-file path makes pytest pick the project as rootdir: keep the cache here
+    cache = ("-o", f"cache_dir={suite.path / 'cache'}")
+    args = ("--samples", "1", "--query-pos", "last", "--residual-budget", "0", *cache)
+    first = run(suite, *args)
+    first.assert_outcomes(passed=6, failed=2)
+    again = run(suite, *args, "--lf")
+    again.assert_outcomes(failed=2)
+    assert "run-last-failure: rerun previous 2 failures" in again.stdout.str()
+    run(suite, *args, "--ff").assert_outcomes(passed=6, failed=2)

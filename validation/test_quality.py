@@ -6,18 +6,11 @@ target still closes exactly — its Δ is simply large. Gated here:
 * ‖Δ‖_F/‖W‖_F per q/k module within ``--delta-budget``;
 * per layer, median |r| within ``--residual-budget`` of the target logits' std, and the
   residual statistics no worse than the stored baseline (``validation/baselines/<run>/``,
-  or ``--baseline NAME``) by more than ``--gate-tolerance``. Record or update a baseline
-  with ``--force-regen``.
+  or ``--baseline NAME``) by more than ``--gate-tolerance``, when measured the same way.
+  The baseline policy (record / skip / compare / fail) is the ``qk_baseline`` fixture's
+  (:class:`qkcheck.gate.BaselineGate`); record or update this run's baseline with
+  ``--force-regen`` or ``--regen-all``.
 """
-
-from pathlib import Path
-
-import pytest
-from pytest_regressions.common import perform_regression_check
-
-from qkcheck import baseline
-
-BASELINES = Path(__file__).parent / "baselines"
 
 
 def test_weight_delta_is_within_budget(qk, qk_module, qk_settings, qk_record):
@@ -32,7 +25,7 @@ def test_weight_delta_is_within_budget(qk, qk_module, qk_settings, qk_record):
 
 
 def test_residuals_are_within_budget_and_no_worse_than_the_baseline(
-    qk, qk_layer, qk_settings, qk_record, request, datadir, original_datadir
+    qk, qk_layer, qk_settings, qk_record, qk_baseline
 ):
     stats = qk.layer_quality(qk_layer)
     sp = qk.specs[qk_layer]
@@ -44,35 +37,4 @@ def test_residuals_are_within_budget_and_no_worse_than_the_baseline(
         f"{stats['r_frac_of_logit_scale']:.3f} of the target logits' std, above the budget "
         f"{qk_settings.residual_budget} (--residual-budget)"
     )
-
-    name = qk_settings.baseline or qk.run.name
-    path = baseline.baseline_path(BASELINES, name, qk_layer)
-    config = request.config
-    recording = config.getoption("force_regen") or config.getoption("regen_all")
-    if qk_settings.baseline and not path.is_file():
-        pytest.fail(f"--baseline {name}: no baseline for layer {qk_layer} at {path}")
-    if not path.is_file() and not recording:
-        pytest.skip(
-            f"no baseline for run {name} layer {qk_layer} ({path}); gated by budgets only — "
-            f"record one with --force-regen"
-        )
-
-    def check(obtained: Path, expected: Path) -> None:
-        __tracebackhide__ = True
-        new, old = baseline.load(obtained), baseline.load(expected)
-        if recording and not qk_settings.baseline:
-            assert not baseline.differs(new, old), "baseline changed"
-            return
-        worse = baseline.regressions(new, old, qk_settings.gate_tolerance)
-        assert not worse, f"layer {qk_layer} is worse than baseline {name}:\n" + "\n".join(worse)
-
-    perform_regression_check(
-        datadir=datadir,
-        original_datadir=original_datadir,
-        request=request,
-        check_fn=check,
-        dump_fn=lambda p: baseline.dump(stats, p),
-        extension=".yml",
-        fullpath=path,
-        force_regen=bool(recording) and not qk_settings.baseline,
-    )
+    qk_baseline.check(qk_layer, stats)
