@@ -102,4 +102,8 @@ def test_binary_mode_figures_use_the_runs_ci(genuine_run, genuine_tokens, tmp_pa
     assert data.target is None
     ci = genuine_run.causal_importances(genuine_tokens[:1], paths=["h.0.attn.q_proj"])
     live = set((ci["h.0.attn.q_proj"][0, 20] > 0.1).nonzero().flatten().tolist())
-    assert {c for c, _ in data.mean_top if np.abs(data.pair_curves[(c, _)]).max() > 0} <= live
+    drawn = {c for c, _ in data.mean_top if np.abs(data.pair_curves[(c, _)]).max() > 0}
+    assert live and drawn, "binary mode drew no live pair: the comparison would be vacuous"
+    assert drawn <= live
+    for (c, _d), curve in data.pair_curves.items():  # a component gated off adds nothing
+        assert c in live or np.abs(curve).max() == 0, c
