@@ -166,14 +166,22 @@ def test_the_saved_target_loads_into_qkchecks_model_and_reproduces_itself(
 ) -> None:
     from qkcheck.models import build_target_model
 
-    out, _ = tiny_run
+    out, report = tiny_run
     model_config = yaml.safe_load((out / PRETRAIN_DIR / "model_config.yaml").read_text())
     state = torch.load(
         out / PRETRAIN_DIR / f"model_step_{TINY.pretrain_steps - 1}.pt", weights_only=True
     )
     model = build_target_model(demo_build.MODEL_CLASS, model_config, state)
-    samples = torch.load(out / SPD_DIR / "samples.pt", weights_only=True)
-    assert torch.isfinite(model(samples)).all()
+    # the builder's own held-out loss, recomputed from the saved weights by qkcheck's model:
+    # any weight saved under the wrong name, transposed or from another step changes it
+    test = make_corpus(TINY.n_test_seqs, TINY.n_ctx, TINY.vocab_size, TINY.corpus_seed + 1)
+    held_out = test[TINY.n_samples : TINY.n_samples + TINY.n_eval_seqs]
+    with torch.no_grad():
+        logits = model(held_out[:, :-1])
+    loss = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), held_out[:, 1:].reshape(-1)
+    )
+    assert float(loss) == pytest.approx(report["held_out_loss"], abs=1e-4)
 
 
 def test_metrics_are_json_lines_with_steps(tiny_run: tuple[Path, dict]) -> None:
