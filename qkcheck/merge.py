@@ -78,14 +78,42 @@ def merge_summaries(
             layers[layer] = _merge_layer(layers[layer], row, layer, name, origin)
             origin[(layer, "items")] = f"{origin[(layer, 'items')]} and {name}"
 
+    verdict = _merge_verdict(summaries, names)
     return {
         "run": summaries[0]["run"],
         "settings": settings,
+        **verdict,
         "totals": totals(layers.values()),
         "layers": {k: layers[k] for k in sorted(layers, key=int)},
         "figures": {
             "paths": sorted({p for s in summaries for p in s["figures"]["paths"]}),
             "left_out": sum(s["figures"]["left_out"] for s in summaries),
+        },
+    }
+
+
+def _merge_verdict(summaries: Sequence[Mapping[str, Any]], names: Sequence[str]) -> dict:
+    """complete/passed only if every shard's is; counts summed; a shard's reason named.
+    Summaries without these fields (older qkcheck) give nothing."""
+    if not all("complete" in s for s in summaries):
+        return {}
+    pairs = list(zip(summaries, names, strict=True))
+    reasons = [f"{n}: {s['reason']}" for s, n in pairs if not s["complete"]]
+    statuses = [s["exit_status"] for s in summaries]
+    gates = [s.get("gate", {}) for s in summaries]
+    return {
+        "complete": not reasons,
+        "reason": "; ".join(reasons) or None,
+        "passed": all(s["passed"] for s in summaries),
+        "exit_status": None if None in statuses else max(statuses),
+        "tests": {
+            k: sum(s.get("tests", {}).get(k, 0) for s in summaries)
+            for k in ("passed", "failed", "errors", "skipped")
+        },
+        "gate": {
+            **{k: sum(g.get(k, 0) for g in gates) for k in ("passed", "failed", "skipped")},
+            "failures": [f for g in gates for f in g.get("failures", [])],
+            "notes": [x for g in gates for x in g.get("notes", [])],
         },
     }
 
