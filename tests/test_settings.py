@@ -51,10 +51,32 @@ def settings(**changes):
     return parse_settings(values.__getitem__)
 
 
+# options that only decide how a baseline is recorded: the gate reads them, not Settings
+GATE_OPTIONS = {"qk_record_partial"}
+
+
 def test_the_plugin_defines_every_option_settings_reads():
     read: list[str] = []
     parse_settings(lambda dest: read.append(dest) or {**DEFAULTS, "qk_run_id": "demo"}[dest])
-    assert set(read) == set(DEFAULTS)
+    assert set(read) == set(DEFAULTS) - GATE_OPTIONS
+    assert not set(read) & GATE_OPTIONS
+
+
+@pytest.mark.parametrize("dest", sorted(GATE_OPTIONS))
+def test_the_gate_reads_its_own_options(dest):
+    """An option Settings does not read must be read by the gate, or it is dead."""
+    from qkcheck import gate
+
+    read: list[str] = []
+
+    class Config:
+        def getoption(self, name, default=None):
+            read.append(name)
+            return {"qk_record_partial": True}.get(name, default)
+
+    with pytest.raises(pytest.UsageError, match="--record-partial"):
+        gate.check_options(Config())  # type: ignore[arg-type]
+    assert dest in read
 
 
 # Settings field -> the plugin option whose default it must equal (run_id has none)
