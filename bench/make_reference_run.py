@@ -30,15 +30,25 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from pathlib import Path
 
 import torch
-import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: tools/
 
 from qkcheck.models import build_target_model
+from tools.spd_layout import (
+    MODEL_CLASS,
+    llama_simple_mlp_config,
+    pretrain_run_files,
+    spd_run_files,
+    spd_state,
+    under,
+    write_files,
+)
 
 RUN_NAME = "s-55ea3f9b"
-MODEL_CLASS = "spd.pretrain.models.llama_simple_mlp.LlamaSimpleMLP"
 SPD_STEP = 1000
 PRETRAIN_STEP = 4999
 N_LAYER, N_EMBD, N_HEAD, N_KV_HEADS, N_CTX = 4, 192, 6, 3, 512
@@ -50,26 +60,15 @@ DELTA_FRACTION = 0.10  # ‖Δ‖_F / ‖W‖_F
 
 
 def model_config() -> dict:
-    head_dim = N_EMBD // N_HEAD
-    return {
-        "attn_bias": False,
-        "block_size": N_CTX,
-        "flash_attention": False,
-        "mlp_bias": False,
-        "model_type": "LlamaSimpleMLP",
-        "n_ctx": N_CTX,
-        "n_embd": N_EMBD,
-        "n_head": N_HEAD,
-        "n_intermediate": N_INTERMEDIATE,
-        "n_key_value_heads": N_KV_HEADS,
-        "n_layer": N_LAYER,
-        "rms_norm_eps": 1.0e-6,
-        "rotary_adjacent_pairs": False,
-        "rotary_base": 10000,
-        "rotary_dim": head_dim,
-        "use_grouped_query_attention": True,
-        "vocab_size": VOCAB,
-    }
+    return llama_simple_mlp_config(
+        n_layer=N_LAYER,
+        n_embd=N_EMBD,
+        n_head=N_HEAD,
+        n_kv_heads=N_KV_HEADS,
+        n_ctx=N_CTX,
+        vocab_size=VOCAB,
+        n_intermediate=N_INTERMEDIATE,
+    )
 
 
 def spd_config(pretrain_checkpoint: Path) -> dict:
@@ -120,40 +119,28 @@ def build(out: Path, n_samples: int, seed: int) -> None:
     mc = model_config()
     model = build_target_model(MODEL_CLASS, mc, None)
     target = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    state: dict[str, torch.Tensor] = {}
+    components: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    ci_layers: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
     for layer in range(N_LAYER):
         for name, C in COMPONENTS.items():
             path = f"h.{layer}.attn.{name}"
             W, V, U = decomposed(tuple(target[f"{path}.weight"].shape), C, g)
             target[f"{path}.weight"] = W
-            key = path.replace(".", "-")
-            state[f"_components.{key}.V"] = V.contiguous()
-            state[f"_components.{key}.U"] = U.contiguous()
+            components[path] = (V.contiguous(), U.contiguous())
             d_in = V.shape[0]
-            state[f"ci_fn._ci_fns.{key}.layers.0.W"] = torch.randn(d_in, CI_HIDDEN, generator=g) / (
-                math.sqrt(d_in)
-            )
-            state[f"ci_fn._ci_fns.{key}.layers.0.b"] = torch.zeros(CI_HIDDEN)
-            state[f"ci_fn._ci_fns.{key}.layers.2.W"] = torch.randn(CI_HIDDEN, C, generator=g) / (
-                math.sqrt(CI_HIDDEN)
-            )
-            state[f"ci_fn._ci_fns.{key}.layers.2.b"] = torch.zeros(C)
+            W0 = torch.randn(d_in, CI_HIDDEN, generator=g) / math.sqrt(d_in)
+            W2 = torch.randn(CI_HIDDEN, C, generator=g) / math.sqrt(CI_HIDDEN)
+            ci_layers[path] = [(W0, torch.zeros(CI_HIDDEN)), (W2, torch.zeros(C))]
     # tied embedding: wte.weight and lm_head.weight are one tensor in the model
     target["lm_head.weight"] = target["wte.weight"]
 
-    pre = out / "pretrain"
-    pre.mkdir(parents=True, exist_ok=True)
-    checkpoint = pre / f"model_step_{PRETRAIN_STEP}.pt"
-    torch.save(target, checkpoint)
-    (pre / "model_config.yaml").write_text(yaml.safe_dump(mc, sort_keys=True))
-    (pre / "final_config.yaml").write_text(
-        yaml.safe_dump({"model": mc, "num_iterations": PRETRAIN_STEP + 1}, sort_keys=True)
-    )
-    full = {**{f"target_model.{k}": v for k, v in target.items()}, **state}
-    torch.save(full, out / f"model_{SPD_STEP}.pth")
-    (out / "final_config.yaml").write_text(yaml.safe_dump(spd_config(checkpoint), sort_keys=False))
+    checkpoint = out / "pretrain" / f"model_step_{PRETRAIN_STEP}.pt"
+    train_config = {"model": mc, "num_iterations": PRETRAIN_STEP + 1}
     tokens = torch.randint(0, VOCAB, (n_samples, N_CTX), generator=g, dtype=torch.int64)
-    torch.save(tokens, out / "samples.pt")
+    state = spd_state(target, components, ci_layers)
+    files = spd_run_files(spd_config(checkpoint), state, SPD_STEP, tokens)
+    files |= under("pretrain", pretrain_run_files(mc, train_config, target, PRETRAIN_STEP))
+    write_files(out, files)
 
 
 def main(argv: list[str] | None = None) -> None:

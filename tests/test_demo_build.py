@@ -10,8 +10,8 @@ import pytest
 import torch
 import yaml
 
-from qkcheck.demo import build as demo_build
-from qkcheck.demo.build import (
+from tools import build_demo as demo_build
+from tools.build_demo import (
     PRETRAIN_RUN_ID,
     SPD_RUN_ID,
     BuildConfig,
@@ -285,3 +285,80 @@ def test_the_shipped_demo_is_small_and_is_what_the_default_config_builds() -> No
     samples = torch.load(root / SPD_DIR / "samples.pt", weights_only=True)
     assert samples.dtype == torch.int64 and samples.shape == (cfg.n_samples, cfg.n_ctx)
     assert cfg.n_samples >= 16
+
+
+def test_the_shipped_demo_matches_its_manifest() -> None:
+    """Every shipped file has the sha256 the manifest records (a changed file without a new
+    manifest fails here), and the manifest covers exactly the run's files."""
+    recorded = json.loads(demo_build.MANIFEST.read_text())
+    assert recorded == demo_build.manifest(demo_build.DEFAULT_OUT, BuildConfig())
+
+
+def test_the_untrained_files_of_the_shipped_demo_rebuild_byte_for_byte() -> None:
+    """Configs, tokenizer and samples depend on no float arithmetic: the builder writes them
+    byte for byte on any machine (the trained files are checked by `compare`)."""
+    files = demo_build.untrained_files(BuildConfig())
+    assert sorted(files) == sorted(json.loads(demo_build.MANIFEST.read_text())["untrained"])
+    for name, data in files.items():
+        assert (demo_build.DEFAULT_OUT / name).read_bytes() == data, name
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_compare_accepts_a_rebuild_within_tolerance_and_names_what_is_not(
+    tiny_run: tuple[Path, dict], tmp_path: Path
+) -> None:
+    out, _ = tiny_run
+    recorded = demo_build.manifest(out, TINY)
+    same = demo_build.compare(out, out, recorded)
+    assert same.ok and same.differing == 0 and same.identical > 0
+
+    target = PRETRAIN_DIR / f"model_step_{TINY.pretrain_steps - 1}.pt"
+    key = "h.0.attn.q_proj.weight"
+
+    def rebuilt_with(offset: float, name: str) -> demo_build.Comparison:
+        other = _copy(out, tmp_path / f"{name}")
+        state = torch.load(other / target, weights_only=True)
+        state[key] = state[key] + offset
+        torch.save(state, other / target)
+        return demo_build.compare(other, out, recorded)
+
+    close = rebuilt_with(demo_build.TRAINED_ATOL / 2, "close")
+    assert close.ok and close.differing == 1
+    assert close.max_abs_diff == pytest.approx(demo_build.TRAINED_ATOL / 2, rel=1e-3)
+    far = rebuilt_with(1.0, "far")
+    assert not far.ok and len(far.failures) == 1 and key in far.failures[0]
+
+    edited = _copy(out, tmp_path / "edited")
+    config = edited / SPD_DIR / "final_config.yaml"
+    config.write_text(config.read_text() + "# edited\n")
+    result = demo_build.compare(edited, out, recorded)
+    assert result.failures == [
+        f"{SPD_DIR / 'final_config.yaml'}: not byte-identical (an untrained file must be)"
+    ]
+
+
+def test_compare_checks_component_weights_not_their_factors(
+    tiny_run: tuple[Path, dict], tmp_path: Path
+) -> None:
+    """``V`` and ``U`` may move apart while ``(V U)ᵀ`` stays: rescaling them passes; a
+    changed product fails and names the module."""
+    out, _ = tiny_run
+    recorded = demo_build.manifest(out, TINY)
+    ckpt = SPD_DIR / f"model_{TINY.spd_steps}.pth"
+    prefix = "_components.h-0-attn-k_proj"
+    for name, scale_u, ok in (("rescaled", 0.5, True), ("changed", 3.0, False)):
+        other = _copy(out, tmp_path / name)
+        state = torch.load(other / ckpt, weights_only=True)
+        state[f"{prefix}.V"] = state[f"{prefix}.V"] * 2.0
+        state[f"{prefix}.U"] = state[f"{prefix}.U"] * scale_u
+        torch.save(state, other / ckpt)
+        result = demo_build.compare(other, out, recorded)
+        assert result.ok is ok and result.differing == 2, name
+        if not ok:
+            assert any(f"{prefix} (V U)" in f for f in result.failures)
