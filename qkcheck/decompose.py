@@ -21,7 +21,7 @@ Every output is ``(batch, head, query_pos, key_pos)`` over the full square; entr
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
@@ -67,6 +67,10 @@ class LayerWeights:
     delta_K: Tensor
     b_Q: Tensor | None = None
     b_K: Tensor | None = None
+    #: :meth:`head_norms` computed so far, by (matrix, heads, norm): a layer's norms are
+    #: computed once however many samples it decomposes (spectral norms need an SVD each);
+    #: not an init field, so ``dataclasses.replace`` starts an empty one
+    norm_cache: dict = field(default_factory=dict, init=False, compare=False, repr=False)
 
     @classmethod
     def from_target(
@@ -96,7 +100,23 @@ class LayerWeights:
         def cast(t: Tensor | None) -> Tensor | None:
             return None if t is None else t.to(dtype=dtype, device=device)
 
-        return replace(self, **{f: cast(getattr(self, f)) for f in _TENSOR_FIELDS})
+        cast_fields = {f: cast(getattr(self, f)) for f in _TENSOR_FIELDS}
+        if all(cast_fields[f] is getattr(self, f) for f in _TENSOR_FIELDS):
+            return self  # nothing to cast: keeps the norm cache
+        return replace(self, **cast_fields)
+
+    def head_norms(self, matrix: str, n_heads: int, kind: NormKind) -> Tensor:
+        """:func:`~qkcheck.bounds.head_norms` of ``matrix`` — ``"W_hat_Q"``, ``"W_hat_K"``,
+        ``"delta_Q"``, ``"delta_K"``, ``"W_Q"`` or ``"W_K"`` (the target, ``Ŵ + Δ``) — cached."""
+        key = (matrix, n_heads, kind)
+        if key not in self.norm_cache:
+            if matrix in ("W_Q", "W_K"):
+                side = matrix[-1]
+                weight = getattr(self, f"W_hat_{side}") + getattr(self, f"delta_{side}")
+            else:
+                weight = getattr(self, matrix)
+            self.norm_cache[key] = head_norms(weight, n_heads, kind)
+        return self.norm_cache[key]
 
     @property
     def W_hat_Q(self) -> Tensor:
@@ -247,14 +267,13 @@ def budget_bound(
     slice: the residual a run may have if its delta were that large. ``(batch, head, i, j)``."""
     w = weights.to(x.dtype, x.device)
     H, KV = layout.n_head, layout.n_kv_heads
-    W_Q, W_K = w.W_hat_Q + w.delta_Q, w.W_hat_K + w.delta_K
     return _weight_bound(
         x,
         w,
         layout,
         norm,
-        delta_q=fraction * head_norms(W_Q, H, norm),
-        delta_k=fraction * head_norms(W_K, KV, norm),
+        delta_q=fraction * w.head_norms("W_Q", H, norm),
+        delta_k=fraction * w.head_norms("W_K", KV, norm),
     )
 
 
@@ -275,13 +294,13 @@ def _weight_bound(
         return zeros[:n] if b is None else b.reshape(n, -1).norm(dim=-1)
 
     if delta_q is None:
-        delta_q = head_norms(w.delta_Q, H, norm)
+        delta_q = w.head_norms("delta_Q", H, norm)
     if delta_k is None:
-        delta_k = head_norms(w.delta_K, KV, norm)
+        delta_k = w.head_norms("delta_K", KV, norm)
     return weight_bound(
         x.norm(dim=-1),
-        head_norms(w.W_hat_Q, H, norm),
-        head_norms(w.W_hat_K, KV, norm)[key_of],
+        w.head_norms("W_hat_Q", H, norm),
+        w.head_norms("W_hat_K", KV, norm)[key_of],
         delta_q,
         delta_k[key_of],
         bias_norm(w.b_Q, H),

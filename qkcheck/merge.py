@@ -2,42 +2,46 @@
 
     python -m qkcheck.merge SHARD.json [SHARD.json ...] -o OUT.json
 
-Shard a run by layer: one CI job per ``--layers`` selection, every job with the same
-``--run-id``, ``--samples``/``--samples-file``, ``--query-pos`` and options. Each job's
-summary then holds whole layers, and the merged summary equals a single-machine run's
-(:mod:`qkcheck.report` schema) apart from ``settings`` and figure paths.
+Shard a run by layer, by samples, or both: one CI job per ``--layers`` and/or ``--samples``
+selection, every job with the same ``--run-id``, ``--query-pos`` and options (and the same
+``--samples-file``, if any). The merged summary equals a single-machine run's
+(:mod:`qkcheck.report` schema) apart from ``settings`` and figure paths: exactly for counts,
+worst ``|r|/B`` and its item, closure errors and ``‖Δ‖/‖W‖``; within the quantile sketch's
+stated error (:mod:`qkcheck.sketch`, 0.5 % relative) for ``median_abs_r``, ``p99_abs_r``
+and ``r_frac_of_logit_scale``.
 
 The rule behind that: a layer's item counts, worst ``|r|/B`` and closure error combine
-across shards (sums and maxima), but its ``median_abs_r``, ``p99_abs_r`` and
-``r_frac_of_logit_scale`` do not — a median of a union is not a function of the parts'
-medians. They are carried over from the one shard that reports them (a layer's quality
-test runs in exactly one shard of any split, and computes them over every selected sample,
-wherever the layer's items ran). A layer's items may come from several shards only when
-each shard's summary row lists the ``samples`` it covered and those lists are disjoint;
-otherwise two shards holding one layer overlap and merging raises :class:`MergeError`
-(exit 2) naming the layer and both shards — item-only rows included. Two shards
-reporting whole-layer statistics for one layer means the shards overlap — the same
-layer validated twice, or its samples split (``--samples 0-9`` / ``10-19``, whose
-medians differ) — and merging raises :class:`MergeError` rather than
-double-counting items or inventing a median.
+across shards (sums and maxima); its medians and percentiles combine through the |r|
+sketches and target-logit moments each shard's summary carries (``abs_r_sketch``,
+``logit_moments``): bucket counts and moments add, and the statistics are recomputed from
+the sum. ``delta_q``/``delta_k`` are properties of the weights and must agree. A layer may
+come from several shards only when each shard's summary row lists the ``samples`` it
+covered and those lists are disjoint; otherwise the shards overlap and merging raises
+:class:`MergeError` (exit 2) naming the layer and both shards, rather than counting items
+twice. Summaries of older qkcheck versions (no sketch) merge by layer only: a layer's
+statistics from two such shards are refused.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from qkcheck.errors import QKCheckError
-from qkcheck.report import totals
+from qkcheck.report import LAYER_STATS, totals
+from qkcheck.sketch import QuantileSketch, residual_statistics
 
 #: settings that may differ between shards of one validation
-SHARD_SETTINGS = ("layers", "artifacts_dir")
-#: per-layer statistics that cannot be combined, only carried over
-WHOLE_LAYER_STATS = ("median_abs_r", "p99_abs_r", "r_frac_of_logit_scale", "delta_q", "delta_k")
+SHARD_SETTINGS = ("layers", "samples", "artifacts_dir")
+#: per-layer statistics of a layer's quality test (combined through the sketch, or refused)
+WHOLE_LAYER_STATS = LAYER_STATS
+#: the statistics recomputed from merged sketches and moments
+SKETCHED = ("median_abs_r", "p99_abs_r", "r_frac_of_logit_scale")
 
 
 class MergeError(QKCheckError):
@@ -147,9 +151,25 @@ def _merge_layer(
     name: str,
     origin: dict[tuple[str, str], str],
 ) -> dict[str, Any]:
-    """Layer ``layer`` reported by several shards: counts add, maxima combine, whole-layer
-    statistics must come from exactly one shard."""
+    """Layer ``layer`` reported by several shards of disjoint samples: counts add, maxima
+    combine, quality statistics merge through their sketches."""
+    first = origin.get((layer, "items"), "an earlier shard")
+    covered_a, covered_b = a.get("samples"), b.get("samples")
+    if covered_a is None or covered_b is None:
+        raise MergeError(
+            f"layer {layer}: {first} and {name} both validated it and their summaries do not "
+            "say which samples each covered, so the shards overlap as far as merging can "
+            "tell; merging would count its items twice. Give each shard its own --layers"
+        )
+    both = sorted(set(covered_a) & set(covered_b))
+    if both:
+        raise MergeError(
+            f"layer {layer}: {first} and {name} both validated samples "
+            f"{both[:5]}{'…' if len(both) > 5 else ''} of it: the shards overlap, and merging "
+            "would count those items twice"
+        )
     out = dict(a)
+    out["samples"] = sorted({*covered_a, *covered_b})
     for key in ("items", "passed", "failed"):
         out[key] = a[key] + b[key]
     if b["worst_ratio"] is not None and (
@@ -158,42 +178,35 @@ def _merge_layer(
         out["worst_ratio"], out["worst_item"] = b["worst_ratio"], b["worst_item"]
     errors = [e for e in (a["max_closure_error"], b["max_closure_error"]) if e is not None]
     out["max_closure_error"] = max(errors) if errors else None
-    for key in WHOLE_LAYER_STATS:
-        mine, theirs = a.get(key), b.get(key)
-        if theirs is None:
-            continue
-        if mine is None:
-            out[key] = theirs
+    reported = [k for k in WHOLE_LAYER_STATS if b.get(k) is not None]
+    if not reported:
+        return out
+    if all(a.get(k) is None for k in WHOLE_LAYER_STATS):
+        for key in reported:
+            out[key] = b[key]
             origin[(layer, key)] = name
-        elif mine != theirs:
+        return out
+    for key in ("delta_q", "delta_k"):
+        if None not in (a.get(key), b.get(key)) and not math.isclose(a[key], b[key], rel_tol=1e-9):
             raise MergeError(
-                f"layer {layer}: {key} is {mine!r} in {origin[(layer, key)]} but {theirs!r} in "
-                f"{name}: the shards validated different samples of this layer, and a median or "
-                "percentile of the whole cannot be computed from the parts' summaries. Shard by "
-                "--layers (one job per layer set, each with every sample)"
+                f"layer {layer}: {key} is {a[key]!r} in {origin.get((layer, key), first)} but {b[key]!r} "
+                f"in {name}: the shards decomposed different weights (another run or step)"
             )
-        else:
-            raise MergeError(
-                f"layer {layer}: {origin[(layer, key)]} and {name} both report its {key}: the "
-                "shards overlap (this layer was validated in both), and merging would count "
-                "its items twice. Give each shard its own --layers"
-            )
-    covered_a, covered_b = a.get("samples"), b.get("samples")
-    if covered_a is None or covered_b is None:
+    if any(x.get(k) is None for x in (a, b) for k in ("abs_r_sketch", "logit_moments")):
         raise MergeError(
-            f"layer {layer}: {origin.get((layer, 'items'), 'an earlier shard')} and {name} both "
-            "validated it and their summaries do not say which samples each covered, so the "
-            "shards overlap as far as merging can tell; merging would count its items twice. "
-            "Give each shard its own --layers"
+            f"layer {layer}: {origin.get((layer, 'median_abs_r'), first)} and {name} both report its "
+            "median |r| without the sketch needed to combine them (a summary of an older "
+            "qkcheck): a median of a union is not a function of the parts' medians. Shard "
+            "by --layers, or rerun the shards with this qkcheck"
         )
-    both = sorted(set(covered_a) & set(covered_b))
-    if both:
-        raise MergeError(
-            f"layer {layer}: {origin.get((layer, 'items'), 'an earlier shard')} and {name} both "
-            f"validated samples {both[:5]}{'…' if len(both) > 5 else ''} of it: the shards "
-            "overlap, and merging would count those items twice"
-        )
-    out["samples"] = sorted({*covered_a, *covered_b})
+    sketch = QuantileSketch.from_dict(a["abs_r_sketch"]).merge(
+        QuantileSketch.from_dict(b["abs_r_sketch"])
+    )
+    moments = {k: a["logit_moments"][k] + b["logit_moments"][k] for k in ("sum", "sumsq", "count")}
+    out.update(residual_statistics(sketch, moments))
+    out["abs_r_sketch"], out["logit_moments"] = sketch.to_dict(), moments
+    for key in SKETCHED:
+        origin[(layer, key)] = f"{origin.get((layer, key), first)} and {name}"
     return out
 
 

@@ -16,11 +16,16 @@ JSON schema (``summary.json`` in the artifacts directory)::
                             "worst_ratio": float, "worst_item": str,   # max |r|/B and where
                             "max_closure_error": float,
                             "median_abs_r", "p99_abs_r", "r_frac_of_logit_scale": float | null,
-                            "delta_q", "delta_k": float | null}},      # ‖Δ‖_F/‖W‖_F
+                            "delta_q", "delta_k": float | null,        # ‖Δ‖_F/‖W‖_F
+                            "samples": [int],          # the samples its items covered
+                            "abs_r_sketch": {…} | null,   # qkcheck.sketch, for merging
+                            "logit_moments": {"sum", "sumsq", "count"} | null}},
      "figures": {"paths": [str], "left_out": int}}
 
 Residual statistics and Δ fractions come from the run-level quality tests; they are null
-when those were deselected. While a session runs, the file is :func:`unfinished_summary`
+when those were deselected. Medians and percentiles come from a mergeable quantile sketch
+(:mod:`qkcheck.sketch`, within 0.5 % relative of the exact order statistic); counts, maxima
+and worst items are exact. While a session runs, the file is :func:`unfinished_summary`
 (``"complete": false``, ``"exit_status": null``): a run that is killed leaves that, never
 the previous run's verdict.
 """
@@ -34,6 +39,17 @@ from pathlib import Path
 from typing import Any
 
 from qkcheck.util import item_id, write_atomic
+
+#: per-layer statistics of the run-level quality tests (null when those did not run)
+LAYER_STATS = (
+    "median_abs_r",
+    "p99_abs_r",
+    "r_frac_of_logit_scale",
+    "delta_q",
+    "delta_k",
+    "abs_r_sketch",
+    "logit_moments",
+)
 
 
 def build_summary(
@@ -65,8 +81,10 @@ def build_summary(
                 "worst_ratio": -1.0,
                 "worst_item": None,
                 "max_closure_error": 0.0,
+                "samples": set(),
             },
         )
+        row["samples"].add(it["sample"])
         row["items"] += 1
         row["passed" if it["passed"] else "failed"] += 1
         if it["ratio"] > row["worst_ratio"]:
@@ -85,12 +103,13 @@ def build_summary(
                 "max_closure_error": None,
             },
         )
-        for key in ("median_abs_r", "p99_abs_r", "r_frac_of_logit_scale", "delta_q", "delta_k"):
+        for key in LAYER_STATS:
             if key in q:
                 row[key] = q[key]
     for row in per_layer.values():
-        for key in ("median_abs_r", "p99_abs_r", "r_frac_of_logit_scale", "delta_q", "delta_k"):
+        for key in LAYER_STATS:
             row.setdefault(key, None)
+        row["samples"] = sorted(row.get("samples", ()))
     rows = per_layer.values()
     return {
         "run": run,

@@ -13,7 +13,6 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -28,6 +27,7 @@ from qkcheck.decompose import (
 from qkcheck.documents import PADDING, document_mask, document_positions
 from qkcheck.models.base import AttentionSpec, Capture
 from qkcheck.settings import OptionError, Settings
+from qkcheck.sketch import QuantileSketch, residual_statistics
 from qkcheck.util import item_id
 
 Item = tuple[int, int, int]  # (layer, sample, query_pos)
@@ -132,7 +132,7 @@ class GroupResult:
     data_bound: Tensor
     weight_bound: Tensor
     #: compact statistics for the run-level gate
-    abs_r: np.ndarray  # |r| over heads and causal (i, j), float32
+    abs_r: QuantileSketch  # |r| over heads and causal (i, j), within ALPHA relative
     target_sum: float
     target_sumsq: float
     target_count: int
@@ -371,7 +371,7 @@ class Validator:
             bound=at(chosen),
             data_bound=at(dec.data_bound),
             weight_bound=at(dec.weight_bound),
-            abs_r=r_abs.flatten(1)[:, low].float().cpu().numpy().reshape(-1),
+            abs_r=QuantileSketch().add(r_abs.flatten(1)[:, low].float().cpu().numpy()),
             target_sum=float(tgt_low.sum()),
             target_sumsq=float((tgt_low**2).sum()),
             target_count=int(tgt_low.numel()),
@@ -382,9 +382,13 @@ class Validator:
     def layer_quality(self, layer: int) -> dict[str, float]:
         """Residual statistics of a layer over the selected samples (all query positions).
 
-        ``median_abs_r``/``p99_abs_r``: of |r| over heads and causal (i, j);
-        ``worst_ratio``: max |r|/B; ``r_frac_of_logit_scale``: median |r| over the standard
-        deviation of the target logits; ``max_closure_error``.
+        ``median_abs_r``/``p99_abs_r``: of |r| over heads and causal (i, j), from the
+        groups' merged :class:`~qkcheck.sketch.QuantileSketch` (within its ``alpha``, 0.5 %,
+        of the exact order statistic); ``worst_ratio``: max |r|/B (exact);
+        ``r_frac_of_logit_scale``: median |r| over the standard deviation of the target
+        logits; ``max_closure_error`` (exact). For merging shards split by samples:
+        ``abs_r_sketch`` (the sketch as a dict) and ``logit_moments`` (sum, sum of squares
+        and count of the target logits).
         """
         groups = []
         for s in self.sample_ids:
@@ -393,17 +397,20 @@ class Validator:
                 self.group(layer, s)
                 g = self._stats[(layer, s)]
             groups.append(g)
-        abs_r = np.concatenate([g.abs_r for g in groups])
-        n = sum(g.target_count for g in groups)
-        mean = sum(g.target_sum for g in groups) / n
-        var = max(sum(g.target_sumsq for g in groups) / n - mean**2, 0.0)
-        median = float(np.median(abs_r))
+        sketch = QuantileSketch()
+        for g in groups:
+            sketch.merge(g.abs_r)
+        moments = {
+            "sum": sum(g.target_sum for g in groups),
+            "sumsq": sum(g.target_sumsq for g in groups),
+            "count": sum(g.target_count for g in groups),
+        }
         return {
-            "median_abs_r": median,
-            "p99_abs_r": float(np.percentile(abs_r, 99)),
+            **residual_statistics(sketch, moments),
             "worst_ratio": float(max(float(g.ratio.max()) for g in groups)),
-            "r_frac_of_logit_scale": median / max(var**0.5, 1e-30),
             "max_closure_error": float(max(float(g.closure_error.max()) for g in groups)),
+            "abs_r_sketch": sketch.to_dict(),
+            "logit_moments": moments,
         }
 
 

@@ -14,9 +14,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from qkcheck.merge import MergeError, merge_summaries
+from qkcheck.sketch import ALPHA, QuantileSketch, residual_statistics
 
 from .conftest import GENUINE, GENUINE_OUT, GENUINE_RUN_ID
 
@@ -94,6 +96,46 @@ def test_two_layer_shards_merge_into_the_single_run_summary(tmp_path):
     assert merged["settings"]["layers"] != whole["settings"]["layers"]  # the shards' own
 
 
+def test_two_sample_shards_merge_into_the_single_run_summary(tmp_path):
+    """Split by samples: counts, worst items and closure errors merge exactly; the medians
+    come from the merged |r| sketches, which equal the whole run's sketch bucket for bucket.
+    Each shard's baseline comparison is refused (its 4 samples are not the baseline's 8),
+    so the shards exit 1: the gate of a sample-split run is the merged summary's."""
+    env = {**os.environ, "SPD_OUT_DIR": str(GENUINE_OUT)}
+    runs = {
+        "whole": _suite(tmp_path / "whole"),
+        "first": _suite(tmp_path / "first", "--samples", "0-3"),
+        "second": _suite(tmp_path / "second", "--samples", "4-7"),
+    }
+    procs = {
+        name: subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        for name, cmd in runs.items()
+    }
+    outputs = {name: p.communicate(timeout=300)[0] for name, p in procs.items()}
+    assert procs["whole"].returncode == 0, outputs["whole"][-3000:]
+    for name in ("first", "second"):
+        assert "cannot compare with baseline" in outputs[name], outputs[name][-3000:]
+    shards = [json.loads((tmp_path / n / "summary.json").read_text()) for n in ("first", "second")]
+    merged = merge_summaries(shards, ["first", "second"])
+    whole = json.loads((tmp_path / "whole" / "summary.json").read_text())
+    assert merged["totals"] == whole["totals"] and whole["totals"]["items"] == 16
+    assert len(merged["settings"]["samples"]) == 2  # the shards' own selections
+    for layer, want in whole["layers"].items():
+        got = merged["layers"][layer]
+        assert got["samples"] == want["samples"] == list(range(8))
+        assert got["abs_r_sketch"] == want["abs_r_sketch"]  # exactly: bucket counts add
+        for key in ("items", "passed", "failed", "worst_ratio", "worst_item", "max_closure_error"):
+            assert got[key] == want[key], key
+        for key in ("median_abs_r", "p99_abs_r", "delta_q", "delta_k"):
+            assert got[key] == want[key], key
+        # the target logits' moments are float sums in another order
+        assert got["r_frac_of_logit_scale"] == pytest.approx(want["r_frac_of_logit_scale"])
+        for shard in shards:  # each shard's own median is another number: a real merge
+            assert shard["layers"][layer]["abs_r_sketch"]["count"] < want["abs_r_sketch"]["count"]
+
+
 # --- merge rules on hand-made summaries ---------------------------------------------------------
 
 
@@ -139,17 +181,49 @@ def test_a_layer_split_across_shards_adds_counts_and_keeps_the_worst_item():
     assert merged["settings"]["layers"] == ["a", "b"]
 
 
-def test_shards_with_different_medians_for_one_layer_are_refused():
-    a = _summary({"0": _layer(median=0.2)})
-    b = _summary({"0": _layer(median=0.25)})
-    with pytest.raises(MergeError, match=r"layer 0: median_abs_r is 0.2 in a.json but 0.25 in "):
-        merge_summaries([a, b], ["a.json", "b.json"])
+def _sketched(values, samples, delta=0.1) -> dict:
+    """A layer row of a shard whose quality test saw |r| = ``values``."""
+    sk = QuantileSketch().add(values)
+    moments = {"sum": float(np.sum(values)), "sumsq": float(np.sum(values**2)), "count": 100}
+    return {
+        **_layer(items=len(samples)),
+        **residual_statistics(sk, moments),
+        "delta_q": delta,
+        "abs_r_sketch": sk.to_dict(),
+        "logit_moments": moments,
+        "samples": samples,
+    }
+
+
+def test_sample_shards_merge_their_sketches_into_the_whole_layers_statistics():
+    rng = np.random.default_rng(0)
+    x, y = rng.exponential(0.2, 5000), rng.exponential(0.5, 3000)  # other medians
+    merged = merge_summaries(
+        [_summary({"0": _sketched(x, [0, 1])}), _summary({"0": _sketched(y, [2])})]
+    )["layers"]["0"]
+    both = np.concatenate([x, y])
+    whole = QuantileSketch().add(both)
+    assert merged["abs_r_sketch"] == whole.to_dict()
+    assert merged["median_abs_r"] == whole.quantile(0.5)
+    exact = float(np.quantile(both, 0.5, method="lower"))
+    assert merged["median_abs_r"] == pytest.approx(exact, rel=ALPHA)
+    assert merged["logit_moments"]["count"] == 200 and merged["samples"] == [0, 1, 2]
+
+
+def test_shards_of_other_weights_or_without_sketches_are_refused():
+    rng = np.random.default_rng(1)
+    a, b = _sketched(rng.random(10), [0]), _sketched(rng.random(10), [1], delta=0.2)
+    with pytest.raises(MergeError, match=r"layer 0: delta_q is 0.1 in a.json but 0.2 in b.json"):
+        merge_summaries([_summary({"0": a}), _summary({"0": b})], ["a.json", "b.json"])
+    old_a, old_b = {**_layer(), "samples": [0]}, {**_layer(median=0.25), "samples": [1]}
+    with pytest.raises(MergeError, match=r"layer 0: a.json and b.json both report .*older"):
+        merge_summaries([_summary({"0": old_a}), _summary({"0": old_b})], ["a.json", "b.json"])
 
 
 def test_overlapping_shards_are_refused_rather_than_counted_twice():
     a = _summary({"0": _layer()}, layers="0,1")
     b = _summary({"0": _layer(), "1": _layer()}, layers="all")
-    with pytest.raises(MergeError, match=r"layer 0: a.json and b.json both report .* overlap"):
+    with pytest.raises(MergeError, match=r"layer 0: a.json and b.json both validated it .*twice"):
         merge_summaries([a, b], ["a.json", "b.json"])
 
 
@@ -157,8 +231,8 @@ def test_shards_of_different_runs_or_settings_are_refused():
     a = _summary({"0": _layer()})
     with pytest.raises(MergeError, match="shards validate different runs"):
         merge_summaries([a, {**a, "run": "other"}])
-    with pytest.raises(MergeError, match=r"shards differ in setting 'samples' .*'all'.*'0-9'"):
-        merge_summaries([a, _summary({"1": _layer()}, samples="0-9")])
+    with pytest.raises(MergeError, match=r"shards differ in setting 'bound' .*'weight'.*'data'"):
+        merge_summaries([_summary({"0": _layer()}, bound="weight"), _summary({}, bound="data")])
     with pytest.raises(MergeError, match="no shard summaries"):
         merge_summaries([])
 

@@ -17,6 +17,7 @@ import torch
 
 from qkcheck.decompose import closure_tolerance, decompose_layer
 from qkcheck.settings import Settings
+from qkcheck.sketch import ALPHA
 from qkcheck.validate import Validator
 
 LAYER = 1
@@ -99,10 +100,14 @@ def test_layer_statistics_pool_every_head_sample_and_causal_pair(genuine_run, ge
                 for j in range(i + 1):
                     abs_r.append(abs(float(r[h, i, j])))
                     logits.append(float(target[h, i, j]))
-    median = float(np.median(abs_r))
-    assert stats["median_abs_r"] == pytest.approx(median, rel=1e-5)
-    assert stats["p99_abs_r"] == pytest.approx(float(np.percentile(abs_r, 99)), rel=1e-4)
-    assert stats["r_frac_of_logit_scale"] == pytest.approx(median / float(np.std(logits)), rel=1e-4)
+    # quantiles come from a sketch: within its relative error of the exact order statistic
+    median = float(np.quantile(abs_r, 0.5, method="lower"))
+    p99 = float(np.quantile(abs_r, 0.99, method="lower"))
+    assert stats["median_abs_r"] == pytest.approx(median, rel=ALPHA)
+    assert stats["p99_abs_r"] == pytest.approx(p99, rel=ALPHA)
+    scale = stats["median_abs_r"] / float(np.std(logits))
+    assert stats["r_frac_of_logit_scale"] == pytest.approx(scale, rel=1e-4)
+    assert stats["abs_r_sketch"]["count"] == len(abs_r)
     groups = [v.group(LAYER, s) for s in SAMPLES]
     assert stats["worst_ratio"] == max(float(g.ratio.max()) for g in groups)
 
