@@ -188,16 +188,16 @@ def _merge_layer(
         return out
     for key in ("delta_q", "delta_k"):
         if None not in (a.get(key), b.get(key)) and not math.isclose(a[key], b[key], rel_tol=1e-9):
-            where = origin.get((layer, key), first)
             raise MergeError(
-                f"layer {layer}: {key} is {a[key]!r} in {where} but {b[key]!r} in {name}"
-                f": the shards decomposed different weights (another run or step)"
+                f"layer {layer}: {key} is {a[key]!r} in {origin.get((layer, key), first)} "
+                f"but {b[key]!r} in {name}: the shards decomposed different weights "
+                "(another run or step)"
             )
     if any(x.get(k) is None for x in (a, b) for k in ("abs_r_sketch", "logit_moments")):
-        where = origin.get((layer, "median_abs_r"), first)
         raise MergeError(
-            f"layer {layer}: {where} and {name} both report its "
-            "median |r| without the sketch needed to combine them (a summary of an older "
+            f"layer {layer}: {origin.get((layer, 'median_abs_r'), first)} and {name} both "
+            "report its median |r| without the sketch needed to combine them (a summary of an "
+            "older "
             "qkcheck): a median of a union is not a function of the parts' medians. Shard "
             "by --layers, or rerun the shards with this qkcheck"
         )
