@@ -13,14 +13,17 @@ Both are written atomically (temporary file, then rename) and always closed.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from matplotlib import font_manager
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ft2font import FT2Font
 from torch import Tensor
 
 from qkcheck.util import atomic_path, safe_name
@@ -71,9 +74,38 @@ def _colors(n: int) -> list:
     return [palette[i % len(palette)] for i in range(n)]
 
 
+@functools.cache
+def _font_codepoints() -> frozenset[int]:
+    """Code points the figures' font (matplotlib's default sans) has glyphs for."""
+    font = FT2Font(font_manager.findfont(font_manager.FontProperties(family="DejaVu Sans")))
+    return frozenset(font.get_charmap())
+
+
+#: made visible: a newline would break the title, spaces would vanish
+_VISIBLE = {"\n": "↵", "\r": "↵", "\t": "⇥", " ": "␣"}
+
+
+def display_token(text: str) -> str:
+    """A token as figure text: ``$`` escaped (never mathtext), newlines, tabs and spaces
+    shown as ↵ ⇥ ␣, and characters the font has no glyph for (CJK, emoji…) written as
+    their code point ``U+6F22`` — so a label is never silently blank nor a warning."""
+    have = _font_codepoints()
+    out = []
+    for ch in text:
+        ch = _VISIBLE.get(ch, ch)
+        if ch == "$":
+            out.append("\\$")
+        elif ord(ch) in have:
+            out.append(ch)
+        else:
+            out.append(f"U+{ord(ch):04X}")
+    return "".join(out)
+
+
 def _title_text(data: ItemPlotData, width: int = 110) -> str:
     """The sample's text up to the query, the query token marked, trimmed from the left."""
-    words = [*data.tokens[: data.query_pos], f"[{data.tokens[data.query_pos]}]"]
+    shown = [display_token(t) for t in data.tokens[: data.query_pos + 1]]
+    words = [*shown[: data.query_pos], f"[{shown[data.query_pos]}]"]
     text = " ".join(words)
     if len(text) > width:
         text = "…" + text[-width:]
@@ -85,7 +117,8 @@ def _key_axis(ax, tokens: Sequence[str], n_keys: int, show_labels: bool) -> None
     ticks = list(range(0, n_keys, step))
     ax.set_xticks(ticks)
     if show_labels:
-        ax.set_xticklabels([f"{tokens[t]} ·{t}" for t in ticks], rotation=90, fontsize=6)
+        labels = [f"{display_token(tokens[t])} ·{t}" for t in ticks]
+        ax.set_xticklabels(labels, rotation=90, fontsize=6)
     else:
         ax.set_xticklabels([])
     ax.set_xlim(-0.5, n_keys - 0.5)

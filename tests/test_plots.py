@@ -107,3 +107,18 @@ def test_binary_mode_figures_use_the_runs_ci(genuine_run, genuine_tokens, tmp_pa
     assert drawn <= live
     for (c, _d), curve in data.pair_curves.items():  # a component gated off adds nothing
         assert c in live or np.abs(curve).max() == 0, c
+
+
+def test_non_latin_and_special_tokens_render_visibly_without_warnings(tmp_path):
+    """A CJK token, ``$`` and a newline: no missing-glyph warning (warnings are errors here),
+    no mathtext, no broken title; the glyph-less characters are labelled by code point."""
+    data = synthetic(2)
+    data.tokens = ["漢", "$5", " or", "$6\n", *data.tokens[4:]]
+    for fig in (combined_figure(data), validation_figure(data, data.total, data.target)):
+        labels = [t.get_text() for ax in fig.axes for t in ax.get_xticklabels() if t.get_text()]
+        assert "U+6F22 ·0" in labels
+        assert "\\$5 ·1" in labels and "␣or ·2" in labels and "\\$6↵ ·3" in labels
+        title = fig._suptitle.get_text()
+        assert "U+6F22 \\$5 ␣or \\$6↵ tok4" in title  # one line, nothing lost
+        assert title.splitlines()[-1].endswith("[tok11]")
+        save_figure(fig, tmp_path / "t.png")  # drawing raises on a missing glyph
