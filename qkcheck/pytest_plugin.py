@@ -77,6 +77,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     add("--plots", "qk_plots", "failed", "figures for: none, failed items, or all selected items")
     add("--max-plots", "qk_max_plots", 20, "at most this many items get figures")
     add(
+        "--dataset-top-k",
+        "qk_dataset_top_k",
+        0,
+        "write pairs_L<l>.json/.png: each head's top-K component pairs by |contribution| mass "
+        "over the selected data (weighted mode; 0: off)",
+    )
+    add(
         "--artifacts-dir",
         "qk_artifacts_dir",
         None,
@@ -294,7 +301,23 @@ class _State:
             gate=gate,
             tests=tests,
         )
+        if self.settings.dataset_top_k and reason is None:
+            self.summary["dataset_view"] = self._dataset_view()
         self.summary_path = write_json(self.summary, self.artifacts / "summary.json")
+
+    def _dataset_view(self) -> dict[str, Any]:
+        """pairs_L<l>.json and heat maps for a complete session (docs/design.md §9)."""
+        from qkcheck.dataset_view import write_dataset_view
+
+        if self.settings.mode != "weighted":
+            return {"paths": [], "error": "the dataset-level view is computed in weighted mode"}
+        try:
+            paths = write_dataset_view(
+                self.validator, self.artifacts, self.settings.dataset_top_k
+            )
+        except QKCheckError as e:
+            return {"paths": [], "error": str(e)}
+        return {"paths": [str(p) for p in paths]}
 
     def _writes_summary(self) -> bool:
         """Only the controller of a qkcheck session writes the summary (not for
@@ -633,6 +656,12 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
             f"{summary['figures']['left_out']} item(s) due a figure got none (--max-plots "
             f"{state.settings.max_plots}); draw one with -k <id> --plots all"
         )
+    view = summary.get("dataset_view")
+    if view is not None:
+        if view.get("error"):
+            tr.write_line(f"dataset view not written: {view['error']}", red=True)
+        else:
+            tr.write_line(f"dataset view: {len(view['paths'])} files in {state.artifacts}")
     for line in state.figure_errors:
         tr.write_line(f"figure failed: {line}", red=True)
     tr.write_line(f"figures: {len(summary['figures']['paths'])} in {state.artifacts}")

@@ -70,6 +70,8 @@ class Settings:
     top_n: int = 8
     plots: Plots = "failed"
     max_plots: int = 20
+    #: pairs per head in pairs_L<l>.json (the dataset-level view); 0: not written
+    dataset_top_k: int = 0
     artifacts_dir: Path | None = None
     device: str = "cpu"
     dtype: str = "float32"
@@ -225,6 +227,7 @@ def parse_settings(opt) -> Settings:
         top_n=number("--top-n", opt("qk_top_n"), int, 1),
         plots=choice("--plots", opt("qk_plots"), ("none", "failed", "all")),  # type: ignore[arg-type]
         max_plots=number("--max-plots", opt("qk_max_plots"), int, 0),
+        dataset_top_k=number("--dataset-top-k", opt("qk_dataset_top_k"), int, 0),
         artifacts_dir=Path(artifacts) if artifacts else None,
         device=device,
         dtype=choice("--dtype", opt("qk_dtype"), tuple(DTYPES)),

@@ -97,6 +97,7 @@ FIELD_OF = {
     "qk_batch_size": "batch_size",
     "qk_samples_file": "samples_file",
     "qk_artifacts_dir": "artifacts_dir",
+    "qk_dataset_top_k": "dataset_top_k",
 }
 
 

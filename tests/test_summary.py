@@ -5,6 +5,7 @@ an internal error, or a hard kill (never the previous run's summary next to new 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -126,3 +127,20 @@ def test_a_killed_run_never_leaves_the_previous_summary_next_to_new_figures(suit
     assert s != stale
     assert (s["complete"], s["passed"]) == (False, False)
     assert s["reason"].startswith("did not finish")
+
+
+def test_the_dataset_view_is_written_for_a_complete_session_and_listed(suite):
+    """--dataset-top-k writes pairs_L<l>.json/.png over exactly the session's selection
+    (query rows 3 and 4 of sample 0: 4 + 5 attended keys per head) and lists them."""
+    result = run(suite, *SMALL, "--dataset-top-k", "3")
+    result.assert_outcomes(passed=4, skipped=1)
+    s = _summary(suite)
+    paths = [Path(p) for p in s["dataset_view"]["paths"]]
+    assert sorted(p.name for p in paths) == ["pairs_L0.json", "pairs_L0.png"]
+    view = json.loads(next(p for p in paths if p.suffix == ".json").read_text())
+    assert (view["layer"], view["samples"], view["entries"]) == (0, [0], 9)
+    assert all(len(h["pairs"]) == 3 for h in view["heads"])
+    assert "dataset view: 2 files in" in result.stdout.str()
+    # off by default: nothing written, nothing listed
+    run(suite, *SMALL)
+    assert "dataset_view" not in _summary(suite)
