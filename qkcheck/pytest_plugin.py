@@ -312,9 +312,7 @@ class _State:
         if self.settings.mode != "weighted":
             return {"paths": [], "error": "the dataset-level view is computed in weighted mode"}
         try:
-            paths = write_dataset_view(
-                self.validator, self.artifacts, self.settings.dataset_top_k
-            )
+            paths = write_dataset_view(self.validator, self.artifacts, self.settings.dataset_top_k)
         except QKCheckError as e:
             return {"paths": [], "error": str(e)}
         return {"paths": [str(p) for p in paths]}
