@@ -315,6 +315,8 @@ class _State:
             paths = write_dataset_view(self.validator, self.artifacts, self.settings.dataset_top_k)
         except QKCheckError as e:
             return {"paths": [], "error": str(e)}
+        except Exception as e:  # never lose the summary (or the verdict) to this extra view
+            return {"paths": [], "error": f"{type(e).__name__}: {e}"}
         return {"paths": [str(p) for p in paths]}
 
     def _writes_summary(self) -> bool:
