@@ -31,10 +31,21 @@ class RotaryConfig:
     adjacent_pairs: bool = False
     #: positions at or above this are clamped to ``n_ctx - 1`` (as LlamaSimple does); None: no clamp
     n_ctx: int | None = None
+    #: explicit inverse frequencies ``(rotary_dim // 2,)`` (angle ``t · inv_freq_i``), as
+    #: Hugging Face models derive them from ``rope_parameters`` (llama3, linear scaling…);
+    #: None: ``1 / base ** (i / (rotary_dim / 2))``
+    inv_freq: tuple[float, ...] | None = None
+    #: cos and sin are multiplied by this (HF's ``attention_scaling``; 1 for default/llama3)
+    attention_scaling: float = 1.0
 
     def __post_init__(self) -> None:
         if self.rotary_dim <= 0 or self.rotary_dim % 2:
             raise ValueError(f"rotary_dim must be a positive even number, got {self.rotary_dim}")
+        if self.inv_freq is not None and len(self.inv_freq) != self.rotary_dim // 2:
+            raise ValueError(
+                f"inv_freq has {len(self.inv_freq)} entries, rotary_dim {self.rotary_dim} "
+                f"needs {self.rotary_dim // 2}"
+            )
 
 
 def rotary_tables(
@@ -49,9 +60,14 @@ def rotary_tables(
     if config.n_ctx is not None:
         pos = pos.clamp(max=config.n_ctx - 1)
     half = config.rotary_dim // 2
-    freq = config.base ** (torch.arange(half, dtype=high, device=positions.device) / half)
-    angles = pos[..., None] / freq
-    return torch.cos(angles).to(dtype), torch.sin(angles).to(dtype)
+    if config.inv_freq is not None:
+        inv = torch.tensor(config.inv_freq, dtype=high, device=positions.device)
+        angles = pos[..., None] * inv
+    else:
+        freq = config.base ** (torch.arange(half, dtype=high, device=positions.device) / half)
+        angles = pos[..., None] / freq
+    a = config.attention_scaling
+    return (torch.cos(angles) * a).to(dtype), (torch.sin(angles) * a).to(dtype)
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, config: RotaryConfig) -> Tensor:
