@@ -46,6 +46,19 @@ def _suite(artifacts: Path, *extra: str) -> list[str]:
     ]
 
 
+def _run_all(runs: dict[str, list[str]]) -> tuple[dict, dict]:
+    """Start every suite command at once on the genuine run; wait for all of them.
+    Returns the finished processes and their combined output, by name."""
+    env = {**os.environ, "SPD_OUT_DIR": str(GENUINE_OUT)}
+    procs = {
+        name: subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        for name, cmd in runs.items()
+    }
+    return procs, {name: p.communicate(timeout=300)[0] for name, p in procs.items()}
+
+
 def _comparable(summary: dict) -> dict:
     """A summary without what legitimately differs between shards and a whole run."""
     out = copy.deepcopy(summary)
@@ -55,19 +68,12 @@ def _comparable(summary: dict) -> dict:
 
 
 def test_two_layer_shards_merge_into_the_single_run_summary(tmp_path):
-    env = {**os.environ, "SPD_OUT_DIR": str(GENUINE_OUT)}
     runs = {
         "whole": _suite(tmp_path / "whole"),
         "shard0": _suite(tmp_path / "shard0", "--layers", "0"),
         "shard1": _suite(tmp_path / "shard1", "--layers", "1"),
     }
-    procs = {
-        name: subprocess.Popen(
-            cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )
-        for name, cmd in runs.items()
-    }
-    outputs = {name: p.communicate(timeout=300)[0] for name, p in procs.items()}
+    procs, outputs = _run_all(runs)
     for name, p in procs.items():
         assert p.returncode == 0, f"{name} failed:\n{outputs[name][-3000:]}"
 
@@ -101,19 +107,12 @@ def test_two_sample_shards_merge_into_the_single_run_summary(tmp_path):
     come from the merged |r| sketches, which equal the whole run's sketch bucket for bucket.
     Each shard's baseline comparison is refused (its 4 samples are not the baseline's 8),
     so the shards exit 1: the gate of a sample-split run is the merged summary's."""
-    env = {**os.environ, "SPD_OUT_DIR": str(GENUINE_OUT)}
     runs = {
         "whole": _suite(tmp_path / "whole"),
         "first": _suite(tmp_path / "first", "--samples", "0-3"),
         "second": _suite(tmp_path / "second", "--samples", "4-7"),
     }
-    procs = {
-        name: subprocess.Popen(
-            cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )
-        for name, cmd in runs.items()
-    }
-    outputs = {name: p.communicate(timeout=300)[0] for name, p in procs.items()}
+    procs, outputs = _run_all(runs)
     assert procs["whole"].returncode == 0, outputs["whole"][-3000:]
     for name in ("first", "second"):
         assert "cannot compare with baseline" in outputs[name], outputs[name][-3000:]
