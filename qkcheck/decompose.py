@@ -39,6 +39,9 @@ class HeadLayout:
     head_dim: int
     scale: float
     rotary: RotaryConfig | None = None
+    #: QK-norm (Qwen3): each head vector is RMS-normalised with this eps and scaled by the
+    #: weights' ``gamma_Q``/``gamma_K`` before rotation (see :func:`qk_norm_scales`); None: off
+    qk_norm_eps: float | None = None
 
     def __post_init__(self) -> None:
         if self.n_head % self.n_kv_heads:
@@ -67,6 +70,9 @@ class LayerWeights:
     delta_K: Tensor
     b_Q: Tensor | None = None
     b_K: Tensor | None = None
+    #: QK-norm gains ``(head_dim,)`` (shared by the heads of a side), or None
+    gamma_Q: Tensor | None = None
+    gamma_K: Tensor | None = None
     #: :meth:`head_norms` computed so far, by (matrix, heads, norm): a layer's norms are
     #: computed once however many samples it decomposes (spectral norms need an SVD each);
     #: not an init field, so ``dataclasses.replace`` starts an empty one
@@ -83,6 +89,8 @@ class LayerWeights:
         W_K: Tensor,
         b_Q: Tensor | None = None,
         b_K: Tensor | None = None,
+        gamma_Q: Tensor | None = None,
+        gamma_K: Tensor | None = None,
     ) -> LayerWeights:
         """Derive the deltas from the target weights, computed and kept in float64.
 
@@ -94,7 +102,18 @@ class LayerWeights:
         def delta(W: Tensor, V: Tensor, U: Tensor) -> Tensor:
             return W.double() - (V.double() @ U.double()).T
 
-        return cls(V_Q, U_Q, V_K, U_K, delta(W_Q, V_Q, U_Q), delta(W_K, V_K, U_K), b_Q, b_K)
+        return cls(
+            V_Q,
+            U_Q,
+            V_K,
+            U_K,
+            delta(W_Q, V_Q, U_Q),
+            delta(W_K, V_K, U_K),
+            b_Q,
+            b_K,
+            gamma_Q,
+            gamma_K,
+        )
 
     def to(self, dtype: torch.dtype, device: torch.device | str | None = None) -> LayerWeights:
         def cast(t: Tensor | None) -> Tensor | None:
@@ -107,14 +126,18 @@ class LayerWeights:
 
     def head_norms(self, matrix: str, n_heads: int, kind: NormKind) -> Tensor:
         """:func:`~qkcheck.bounds.head_norms` of ``matrix`` — ``"W_hat_Q"``, ``"W_hat_K"``,
-        ``"delta_Q"``, ``"delta_K"``, ``"W_Q"`` or ``"W_K"`` (the target, ``Ŵ + Δ``) — cached."""
+        ``"delta_Q"``, ``"delta_K"``, ``"W_Q"`` or ``"W_K"`` (the target, ``Ŵ + Δ``) — cached.
+        With QK-norm gains the norms are of ``diag(γ) W_h``, the map the logit sees."""
         key = (matrix, n_heads, kind)
         if key not in self.norm_cache:
+            side = matrix[-1]
             if matrix in ("W_Q", "W_K"):
-                side = matrix[-1]
                 weight = getattr(self, f"W_hat_{side}") + getattr(self, f"delta_{side}")
             else:
                 weight = getattr(self, matrix)
+            gamma = getattr(self, f"gamma_{side}")
+            if gamma is not None:
+                weight = weight * gamma.to(weight.dtype).repeat(n_heads)[:, None]
             self.norm_cache[key] = head_norms(weight, n_heads, kind)
         return self.norm_cache[key]
 
@@ -128,7 +151,18 @@ class LayerWeights:
         return (self.V_K @ self.U_K).T
 
 
-_TENSOR_FIELDS = ("V_Q", "U_Q", "V_K", "U_K", "delta_Q", "delta_K", "b_Q", "b_K")
+_TENSOR_FIELDS = (
+    "V_Q",
+    "U_Q",
+    "V_K",
+    "U_K",
+    "delta_Q",
+    "delta_K",
+    "b_Q",
+    "b_K",
+    "gamma_Q",
+    "gamma_K",
+)
 
 
 @dataclass
@@ -208,10 +242,18 @@ def decompose_layer(
     H, KV = layout.n_head, layout.n_kv_heads
     q_comp = heads((x @ w.V_Q) @ w.U_Q, H)
     k_comp = heads((x @ w.V_K) @ w.U_K, KV)
-    dq = rot(heads(x @ w.delta_Q.T, H))
-    dk = rot(heads(x @ w.delta_K.T, KV))
+    dq = heads(x @ w.delta_Q.T, H)
+    dk = heads(x @ w.delta_K.T, KV)
     bq = _bias_heads(w.b_Q, H, layout.head_dim, x)
     bk = _bias_heads(w.b_K, KV, layout.head_dim, x)
+    sigmas = _qk_norm_sigmas(q_comp, dq, bq, k_comp, dk, bk, w, layout)
+    if sigmas is not None:  # every term of a side scaled alike: still bilinear, closure exact
+        fq = sigmas[0][..., None] * w.gamma_Q
+        fk = sigmas[1][..., None] * w.gamma_K
+        q_comp, dq, k_comp, dk = q_comp * fq, dq * fq, k_comp * fk, dk * fk
+        bq = None if bq is None else bq * fq
+        bk = None if bk is None else bk * fk
+    dq, dk = rot(dq), rot(dk)
 
     q_hat_r = rot(q_comp + bq) if bq is not None else rot(q_comp)
     k_hat_r = rot(k_comp + bk) if bk is not None else rot(k_comp)
@@ -243,7 +285,7 @@ def decompose_layer(
     k_size = k_hat_h.norm(dim=-1) + dk_h.norm(dim=-1)
     magnitude = abs(s) * q_size[..., :, None] * k_size[..., None, :]
 
-    b_weight = _weight_bound(x, w, layout, norm)
+    b_weight = _weight_bound(x, w, layout, norm, sigmas=sigmas)
     return LayerDecomposition(
         component_sum=component_sum,
         bias_terms=bias_terms,
@@ -274,7 +316,49 @@ def budget_bound(
         norm,
         delta_q=fraction * w.head_norms("W_Q", H, norm),
         delta_k=fraction * w.head_norms("W_K", KV, norm),
+        sigmas=qk_norm_scales(x, w, layout),
     )
+
+
+def qk_norm_scales(
+    x: Tensor, weights: LayerWeights, layout: HeadLayout
+) -> tuple[Tensor, Tensor] | None:
+    """QK-norm's per-(position, head) factors ``σ = 1 / sqrt(mean_e(q_h,e²) + eps)`` of the
+    TARGET projections ``q = x Wᵀ + b`` (components and Δ together, as the model computes
+    them): ``(batch, head, pos)`` for q and ``(batch, kv_head, pos)`` for k; None without
+    QK-norm. The logit is ``s σ^Q_i σ^K_j <R_i(γ_Q ⊙ q_i), R_j(γ_K ⊙ k_j)>``: bilinear in the
+    projections with these factors fixed, so it splits over components exactly."""
+    if layout.qk_norm_eps is None:
+        return None
+    w = weights.to(x.dtype, x.device)
+
+    def sigma(W: Tensor, b: Tensor | None, n: int) -> Tensor:
+        t = x @ W.T
+        if b is not None:
+            t = t + b.to(x.dtype)
+        t = t.unflatten(-1, (n, layout.head_dim)).transpose(1, 2)
+        return torch.rsqrt(t.pow(2).mean(-1) + layout.qk_norm_eps)
+
+    return (
+        sigma(w.W_hat_Q + w.delta_Q, w.b_Q, layout.n_head),
+        sigma(w.W_hat_K + w.delta_K, w.b_K, layout.n_kv_heads),
+    )
+
+
+def _qk_norm_sigmas(q_comp, dq, bq, k_comp, dk, bk, w: LayerWeights, layout: HeadLayout):
+    """:func:`qk_norm_scales` from the unrotated head vectors (their sum is the target
+    projection), ``(batch, head, pos)`` per side, or None without QK-norm."""
+    if layout.qk_norm_eps is None:
+        return None
+    if w.gamma_Q is None or w.gamma_K is None:
+        raise ValueError("a QK-norm layout needs the weights' gamma_Q and gamma_K")
+    eps = layout.qk_norm_eps
+
+    def sigma(comp: Tensor, delta: Tensor, bias: Tensor | None) -> Tensor:
+        full = comp + delta if bias is None else comp + delta + bias
+        return torch.rsqrt(full.pow(2).mean(-1) + eps)
+
+    return sigma(q_comp, dq, bq), sigma(k_comp, dk, bk)
 
 
 def _weight_bound(
@@ -284,29 +368,40 @@ def _weight_bound(
     norm: NormKind,
     delta_q: Tensor | None = None,
     delta_k: Tensor | None = None,
+    sigmas: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
-    """``B_weight`` for every (batch, head, i, j); ‖Δ‖ per head measured unless given."""
+    """``B_weight`` for every (batch, head, i, j); ‖Δ‖ per head measured unless given.
+    With QK-norm (``sigmas`` per side) each side's vectors are ``σ · diag(γ) (W x + b)``: the
+    bound takes ``diag(γ)``'s norms (:meth:`LayerWeights.head_norms`) and is scaled by
+    ``σ^Q_i σ^K_j``."""
     H, KV = layout.n_head, layout.n_kv_heads
     key_of = torch.arange(H, device=x.device) // layout.group
     zeros = torch.zeros(H, dtype=x.dtype, device=x.device)
 
-    def bias_norm(b: Tensor | None, n: int) -> Tensor:
-        return zeros[:n] if b is None else b.reshape(n, -1).norm(dim=-1)
+    def bias_norm(b: Tensor | None, gamma: Tensor | None, n: int) -> Tensor:
+        if b is None:
+            return zeros[:n]
+        heads = b.reshape(n, -1)
+        return (heads if gamma is None else heads * gamma.to(heads.dtype)).norm(dim=-1)
 
     if delta_q is None:
         delta_q = w.head_norms("delta_Q", H, norm)
     if delta_k is None:
         delta_k = w.head_norms("delta_K", KV, norm)
-    return weight_bound(
+    bound = weight_bound(
         x.norm(dim=-1),
         w.head_norms("W_hat_Q", H, norm),
         w.head_norms("W_hat_K", KV, norm)[key_of],
         delta_q,
         delta_k[key_of],
-        bias_norm(w.b_Q, H),
-        bias_norm(w.b_K, KV)[key_of],
+        bias_norm(w.b_Q, w.gamma_Q, H),
+        bias_norm(w.b_K, w.gamma_K, KV)[key_of],
         layout.scale,
     )
+    if sigmas is None:
+        return bound
+    sq, sk = sigmas
+    return bound * sq[..., :, None] * sk[:, key_of, None, :]
 
 
 def causal_mask(n_pos: int, device: torch.device | str | None = None) -> Tensor:

@@ -502,7 +502,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         ]
         metafunc.parametrize("qk_layer", params)
     if "qk_module" in names:
-        paths = [p for sp in v.specs.values() for p in (sp.q_path, sp.k_path)]
+        paths = [p for sp in v.specs.values() for p in (sp.q_name, sp.k_name)]
         params = [
             pytest.param(p, id=p, marks=[pytest.mark.xdist_group("qk-quality"), gate])
             for p in paths

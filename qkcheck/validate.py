@@ -230,29 +230,52 @@ class Validator:
 
     def layout(self, layer: int) -> HeadLayout:
         sp = self.specs[layer]
-        return HeadLayout(sp.n_head, sp.n_kv_heads, sp.head_dim, sp.scale, sp.rotary)
+        eps = sp.qk_norm.eps if sp.qk_norm is not None else None
+        return HeadLayout(sp.n_head, sp.n_kv_heads, sp.head_dim, sp.scale, sp.rotary, eps)
 
     def weights(self, layer: int) -> LayerWeights:
         if layer not in self._weights:
             sp = self.specs[layer]
-            V_Q, U_Q = self.run.components(sp.q_path)
-            V_K, U_K = self.run.components(sp.k_path)
-            W_Q, b_Q = self.run.target_weight(sp.q_path)
-            W_K, b_K = self.run.target_weight(sp.k_path)
+            V_Q, U_Q, W_Q, b_Q = self._side(sp.q_path, sp.q_cols)
+            V_K, U_K, W_K, b_K = self._side(sp.k_path, sp.k_cols)
+            norm = sp.qk_norm
             self._weights[layer] = LayerWeights.from_target(
-                V_Q, U_Q, V_K, U_K, W_Q, W_K, b_Q, b_K
+                V_Q,
+                U_Q,
+                V_K,
+                U_K,
+                W_Q,
+                W_K,
+                b_Q,
+                b_K,
+                gamma_Q=None if norm is None else norm.gamma_q,
+                gamma_K=None if norm is None else norm.gamma_k,
             ).to(self.settings.torch_dtype, self.settings.device)
         return self._weights[layer]
 
+    def _side(self, path: str, cols: tuple[int, int] | None) -> tuple[Tensor, ...]:
+        """``V, U, W, b`` of one side; a fused module's (``cols``) U columns, W rows and bias
+        entries are that side's slice, V (and so the component activations) shared."""
+        V, U = self.run.components(path)
+        W, b = self.run.target_weight(path)
+        if cols is None:
+            return V, U, W, b
+        lo, hi = cols
+        return V, U[:, lo:hi], W[lo:hi], None if b is None else b[lo:hi]
+
     def delta_fractions(self) -> dict[str, float]:
-        """``‖Δ‖_F / ‖W‖_F`` per q/k module of the selected layers (computed once)."""
+        """``‖Δ‖_F / ‖W‖_F`` per q/k side (:attr:`AttentionSpec.q_name`) of the selected
+        layers, computed once; a fused module's sides are measured on their own slices."""
         if self._delta_fractions is None:
             out = {}
             for layer, sp in self.specs.items():
                 w = self.weights(layer)
-                for path, delta in ((sp.q_path, w.delta_Q), (sp.k_path, w.delta_K)):
-                    W = self.run.target_weight(path)[0].double()
-                    out[path] = float(delta.double().norm() / W.norm().clamp_min(1e-300))
+                for name, path, cols, delta in (
+                    (sp.q_name, sp.q_path, sp.q_cols, w.delta_Q),
+                    (sp.k_name, sp.k_path, sp.k_cols, w.delta_K),
+                ):
+                    W = self._side(path, cols)[2].double()
+                    out[name] = float(delta.double().norm() / W.norm().clamp_min(1e-300))
             self._delta_fractions = out
         return self._delta_fractions
 

@@ -15,8 +15,8 @@ target still closes exactly — its Δ is simply large. Gated here:
 
 def test_weight_delta_is_within_budget(qk, qk_module, qk_settings, qk_record):
     fraction = qk.delta_fractions()[qk_module]
-    layer = next(i for i, sp in qk.specs.items() if qk_module in (sp.q_path, sp.k_path))
-    side = "delta_q" if qk.specs[layer].q_path == qk_module else "delta_k"
+    layer = next(i for i, sp in qk.specs.items() if qk_module in (sp.q_name, sp.k_name))
+    side = "delta_q" if qk.specs[layer].q_name == qk_module else "delta_k"
     qk_record("layer", {"layer": layer, side: fraction})
     assert fraction <= qk_settings.delta_budget, (
         f"{qk_module}: ‖Δ‖_F/‖W‖_F = {fraction:.3f} exceeds the budget "
@@ -30,7 +30,7 @@ def test_residuals_are_within_budget_and_no_worse_than_the_baseline(
     stats = qk.layer_quality(qk_layer)
     sp = qk.specs[qk_layer]
     fractions = qk.delta_fractions()
-    stats["delta_q"], stats["delta_k"] = fractions[sp.q_path], fractions[sp.k_path]
+    stats["delta_q"], stats["delta_k"] = fractions[sp.q_name], fractions[sp.k_name]
     qk_record("layer", {"layer": qk_layer, **stats})
     assert stats["r_frac_of_logit_scale"] <= qk_settings.residual_budget, (
         f"layer {qk_layer}: median |r| = {stats['median_abs_r']:.4g} is "

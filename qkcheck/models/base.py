@@ -27,6 +27,32 @@ class AttentionSpec:
     head_dim: int
     scale: float  # logit = scale * <R_i q_i, R_j k_j>
     rotary: RotaryConfig | None  # None: no rotary embedding (GPT-2 style)
+    #: output columns of q and k in a fused projection (GPT-2's ``c_attn``: one module, one
+    #: set of components, ``q = U[:, q_cols]``, ``k = U[:, k_cols]``); None: the whole output
+    q_cols: tuple[int, int] | None = None
+    k_cols: tuple[int, int] | None = None
+    #: per-head RMSNorm of q and k before RoPE (Qwen3), or None
+    qk_norm: QKNorm | None = None
+
+    @property
+    def q_name(self) -> str:
+        """The query side's name in reports: the module path, with ``[q]`` for a fused one."""
+        return self.q_path if self.q_cols is None else f"{self.q_path}[q]"
+
+    @property
+    def k_name(self) -> str:
+        return self.k_path if self.k_cols is None else f"{self.k_path}[k]"
+
+
+@dataclass(frozen=True, eq=False)
+class QKNorm:
+    """Qwen3's QK-norm: ``q_h ← γ_Q ⊙ q_h / sqrt(mean(q_h²) + eps)`` per head (k alike),
+    applied to the projections before the rotary embedding. ``gamma_q``/``gamma_k``:
+    ``(head_dim,)``, shared by every head."""
+
+    gamma_q: Tensor
+    gamma_k: Tensor
+    eps: float
 
 
 @dataclass

@@ -17,9 +17,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from qkcheck.errors import ConfigError, QKCheckError, SamplesError, UnsupportedError
+from qkcheck.errors import (
+    CheckpointError,
+    ConfigError,
+    QKCheckError,
+    SamplesError,
+    UnsupportedError,
+)
 from qkcheck.models import build_target_model, resolve_model_class
 from qkcheck.models.base import AttentionSpec, Capture
+from qkcheck.models.hf import HFTarget, hf_arch, is_hf_class, read_hf_config
+from qkcheck.models.hf_hub import find_snapshot
 from qkcheck.runs.checkpoint import (
     TARGET_PREFIX,
     Components,
@@ -92,17 +100,38 @@ def load_run(
             f"{config.path}: neither field 'pretrained_model_name' nor 'pretrained_model_path' "
             "is set, so the target architecture is unknown; pass load_run(..., pretrain=PATH)"
         )
-    pre = resolve_pretrain(reference, near=spd_files.root)
-    model_config = _read_model_config(pre, config)
-    try:
-        resolve_model_class(config.pretrained_model_class, model_config)
-    except QKCheckError as e:
-        raise type(e)(f"{config.path}: field 'pretrained_model_class': {e}") from e
+    if is_hf_class(config.pretrained_model_class):
+        pre, model_config = _hf_pretrain(config, os.fspath(reference), spd_files.root)
+    else:
+        pre = resolve_pretrain(reference, near=spd_files.root)
+        model_config = _read_model_config(pre, config)
+        try:
+            resolve_model_class(config.pretrained_model_class, model_config)
+        except QKCheckError as e:
+            raise type(e)(f"{config.path}: field 'pretrained_model_class': {e}") from e
     state = read_checkpoint(spd_files.checkpoint)
     if not any(k.startswith(TARGET_PREFIX) for k in state) and pre.checkpoint is not None:
         # Only old checkpoints lack the target weights; then they come from the pretrain run.
         state.update({TARGET_PREFIX + k: v for k, v in read_checkpoint(pre.checkpoint).items()})
     return Run(spd_files, pre, config, model_config, state, source=os.fspath(source))
+
+
+def _hf_pretrain(
+    config: SPDConfig, reference: str, near: Path | None
+) -> tuple[PretrainFiles, dict[str, Any]]:
+    """The HF snapshot of ``pretrained_model_name`` (folder, hub cache, or download) and its
+    ``config.json``; the class is checked against :data:`qkcheck.models.hf.ARCHITECTURES`."""
+    hf_arch(config.pretrained_model_class, f"{config.path}: field 'pretrained_model_class'")
+    snapshot = find_snapshot(reference, near=near)
+    tokenizer = snapshot / "tokenizer.json"
+    files = PretrainFiles(
+        dir=snapshot,
+        model_config=snapshot / "config.json",
+        config=None,
+        checkpoint=None,
+        tokenizer=tokenizer if tokenizer.is_file() else None,
+    )
+    return files, read_hf_config(snapshot)
 
 
 def _read_model_config(pre: PretrainFiles, config: SPDConfig) -> dict[str, Any]:
@@ -186,11 +215,27 @@ class Run:
         d_in, d_out = c.V.shape[0], c.U.shape[1]
         if self._modules[path].identity:
             return torch.eye(d_in, dtype=c.V.dtype), None
-        W = self._target[f"{path}.weight"]
-        if tuple(W.shape) != (d_out, d_in):  # an embedding, (vocab = d_in, d_out)
+        W = self._target.get(f"{path}.weight")
+        if W is None:  # an HF run whose checkpoint left the weights to the snapshot
+            W = self.model.get_submodule(path).weight.detach()
+        if self._stores_transposed(path, W, (d_out, d_in)):  # Conv1D, embeddings: (d_in, d_out)
             W = W.T
+        if tuple(W.shape) != (d_out, d_in):
+            raise CheckpointError(
+                f"{self.files.checkpoint}: target weight '{path}.weight' is "
+                f"{tuple(W.shape)} (as d_out × d_in), but the components "
+                f"give a ({d_out}, {d_in}) map"
+            )
         bias = self._target.get(f"{path}.bias", c.bias)
         return W, bias
+
+    def _stores_transposed(self, path: str, W: Tensor, shape: tuple[int, int]) -> bool:
+        """Orientation as the model declares it (HF: Conv1D); spd's own models store
+        ``(d_out, d_in)`` except embeddings, ``(vocab, d)``."""
+        declared = getattr(self.model, "stores_transposed", None)
+        if declared is not None:
+            return bool(declared(path))
+        return isinstance(self._submodule(path), nn.Embedding)
 
     def _component(self, path: str) -> Components:
         try:
@@ -206,6 +251,13 @@ class Run:
     @cached_property
     def model(self) -> nn.Module:
         """The target model with the checkpoint's target weights (built on first use)."""
+        if is_hf_class(self.config.pretrained_model_class):
+            return HFTarget.build(
+                self.config.pretrained_model_class,
+                self.files.pretrain_dir,
+                self._target or None,
+                source=str(self.files.checkpoint),
+            )
         return build_target_model(
             self.config.pretrained_model_class,
             self.model_config,
