@@ -93,6 +93,8 @@ def merge_summaries(
             "paths": sorted({p for s in summaries for p in s["figures"]["paths"]}),
             "left_out": sum(s["figures"]["left_out"] for s in summaries),
         },
+        # the same run in every shard: its skipped layers are too (absent in older summaries)
+        "skipped_layers": {k: v for s in summaries for k, v in s.get("skipped_layers", {}).items()},
     }
 
 

@@ -301,6 +301,9 @@ class _State:
             gate=gate,
             tests=tests,
         )
+        self.summary["skipped_layers"] = {
+            str(k): why for k, why in sorted(self.validator.skipped_layers.items())
+        }
         if self.settings.dataset_top_k and reason is None:
             self.summary["dataset_view"] = self._dataset_view()
         self.summary_path = write_json(self.summary, self.artifacts / "summary.json")
@@ -455,9 +458,14 @@ def _state(config: pytest.Config) -> _State:
 
 
 def pytest_report_header(config: pytest.Config) -> list[str] | None:
-    s = _state(config).settings
+    state = _state(config)
+    s = state.settings
     if s is None:
         return None
+    skipped = [
+        f"qkcheck: layer {layer} skipped: {why}"
+        for layer, why in sorted(state.validator.skipped_layers.items())
+    ]
     return [
         f"qkcheck: run {s.run_id} · samples {_describe(s.samples)} · layers "
         f"{_describe(s.layers)} · query_pos {_describe(s.query_pos)} · bound {s.bound} "
@@ -465,6 +473,7 @@ def pytest_report_header(config: pytest.Config) -> list[str] | None:
         f"qkcheck: gate ‖Δ‖/‖W‖ ≤ {s.delta_budget}, median|r|/std ≤ {s.residual_budget}, "
         f"tolerance {s.gate_tolerance} vs baseline {s.baseline or '(this run)'} · plots "
         f"{s.plots} (max {s.max_plots}) · top-n {s.top_n}",
+        *skipped,
     ]
 
 
@@ -649,6 +658,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
     if summary["totals"]["items"] or summary["layers"]:
         for line in format_table(summary):
             tr.write_line(line)
+    for layer, why in summary.get("skipped_layers", {}).items():
+        tr.write_line(f"layer {layer} not validated: {why}")
     for note in summary["gate"]["notes"]:
         tr.write_line(f"baseline {state.settings.baseline or summary['run']}, {note}")
     if summary["figures"]["left_out"]:

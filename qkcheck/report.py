@@ -20,7 +20,8 @@ JSON schema (``summary.json`` in the artifacts directory)::
                             "samples": [int],          # the samples its items covered
                             "abs_r_sketch": {…} | null,   # qkcheck.sketch, for merging
                             "logit_moments": {"sum", "sumsq", "count"} | null}},
-     "figures": {"paths": [str], "left_out": int}}
+     "figures": {"paths": [str], "left_out": int},
+     "skipped_layers": {"<layer>": str}}   # attention layers not validated, and why
 
 Residual statistics and Δ fractions come from the run-level quality tests; they are null
 when those were deselected. Medians and percentiles come from a mergeable quantile sketch

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from qkcheck.coverage import LayerCoverage, layer_coverage
 from qkcheck.decompose import (
     HeadLayout,
     LayerWeights,
@@ -25,6 +26,7 @@ from qkcheck.decompose import (
     decompose_layer,
 )
 from qkcheck.documents import PADDING, document_mask, document_positions
+from qkcheck.errors import UnsupportedError
 from qkcheck.models.base import AttentionSpec, Capture
 from qkcheck.settings import OptionError, Settings
 from qkcheck.sketch import QuantileSketch, residual_statistics
@@ -199,9 +201,10 @@ class Validator:
         self._row = {s: r for r, s in enumerate(sample_ids)}
         specs = run.layers
         layer_ids = settings.layers.resolve(len(specs), "layers", "--layers")
-        decomposed = getattr(run, "decomposed_layers", None)  # None: every layer is
-        if decomposed is not None:
-            layer_ids = _decomposed_only(layer_ids, decomposed, settings, run.name)
+        coverage = layer_coverage(specs, set(run.module_paths))
+        #: ``{layer: why}``: layers of the run not validated (q or k not decomposed)
+        self.skipped_layers: dict[int, str] = coverage.skipped
+        layer_ids = _decomposed_only(layer_ids, coverage, settings, run.name)
         self.specs: dict[int, AttentionSpec] = {i: specs[i] for i in layer_ids}
         T = tokens.shape[1]
         self.query_positions = settings.query_pos.resolve(T, "query positions", "--query-pos")
@@ -438,17 +441,21 @@ class Validator:
 
 
 def _decomposed_only(
-    layer_ids: list[int], decomposed: list[int], settings: Settings, run_name: str
+    layer_ids: list[int], coverage: LayerCoverage, settings: Settings, run_name: str
 ) -> list[int]:
     """The selected layers that are decomposed; naming one that is not is an OptionError."""
+    if not coverage.decomposed:
+        why = "; ".join(f"layer {i}: {r}" for i, r in coverage.skipped.items())
+        raise UnsupportedError(f"run {run_name} has no attention layer to validate ({why})")
     if settings.layers.indices is not None:
-        bad = [i for i in layer_ids if i not in decomposed]
+        bad = [i for i in layer_ids if i in coverage.skipped]
         if bad:
+            why = "; ".join(f"layer {i}: {coverage.skipped[i]}" for i in bad)
             raise OptionError(
-                f"--layers: layers {bad} of run {run_name} are not decomposed (q and k); "
-                f"decomposed layers: {decomposed}"
+                f"--layers: run {run_name} cannot be validated on layers {bad} ({why}); "
+                f"layers with q and k decomposed: {coverage.decomposed}"
             )
-    return [i for i in layer_ids if i in decomposed]
+    return [i for i in layer_ids if i not in coverage.skipped]
 
 
 @functools.lru_cache(maxsize=4)

@@ -141,13 +141,6 @@ class ParamDecompRun:
         """Every decomposed module (kinds in ``cs`` order, layers ascending)."""
         return list(self._sites)
 
-    @property
-    def decomposed_layers(self) -> list[int]:
-        """Attention layers with both q and k decomposed."""
-        return [
-            sp.layer for sp in self.layers if sp.q_path in self._sites and sp.k_path in self._sites
-        ]
-
     def components(self, path: str) -> tuple[Tensor, Tensor]:
         """``(V, U)`` of a decomposed module: ``V`` ``(d_in, comp)``, ``U`` ``(comp, d_out)``
         (float32; only this module's stack slice is read, once)."""
