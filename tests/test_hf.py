@@ -307,3 +307,27 @@ def test_the_suite_passes_on_a_tiny_run_and_a_missing_target_is_one_line(tiny, t
         ln for ln in (bad.stdout + bad.stderr).splitlines() if "cannot find the HF target" in ln
     ]
     assert len(lines) == 1 and "Traceback" not in bad.stdout + bad.stderr
+
+
+@pytest.mark.parametrize("run_id", ["s-5eed0101", "s-5eed0102", "s-5eed0106"])
+def test_binary_mode_gates_pairs_with_spds_own_ci(genuine_hf, run_id):
+    """Binary figures' totals on the fused GPT-2 run (one CI for q and k), the HF Llama run
+    and the partial run equal the gated weight-only sum computed from spd's reference CI."""
+    from qkcheck.figures import item_plot_data
+    from qkcheck.pairs import binary_factors, component_sum
+
+    run = load_run(run_id)
+    ref = GENUINE_HF / "reference" / run_id
+    tokens = torch.load(ref / "tokens.pt")[:1]
+    want_ci = torch.load(ref / "reference_ci.pt")
+    layer, q = run.layers[-1].layer, 40
+    spec = run.layers[-1]
+    ci_q, ci_k = want_ci[spec.q_path][0], want_ci[spec.k_path][0]
+    tau = float(ci_q[q].quantile(0.7))  # a threshold some pairs pass and some do not
+    v = Validator(run, tokens, [0], Settings(run_id="x", mode="binary", ci_threshold=tau))
+    w = v.weights(layer)
+    f = binary_factors(ci_q[q], ci_k[: q + 1], w.U_Q, w.U_K, v.layout(layer), q, tau)
+    want = component_sum(f).numpy()
+    got = item_plot_data(v, layer, 0, q).total
+    assert abs(want).max() > 0.1  # some pairs survive the gate
+    assert float(abs(got - want).max()) < 1e-4
