@@ -271,11 +271,25 @@ def _ranked(mass: Tensor, k: int, label) -> list[dict[str, Any]]:
     ]
 
 
+#: why a QK-norm layer (Qwen3) has no dataset-level view
+QK_NORM_REASON = (
+    "QK-norm layer: its per-(position, head) normalisation breaks the offset-only "
+    "factorisation this view streams"
+)
+
+
+def unsupported_layers(validator) -> dict[int, str]:
+    """``{layer: why}`` for the selected layers this view cannot be computed for."""
+    return {i: QK_NORM_REASON for i in validator.layers if validator.specs[i].qk_norm is not None}
+
+
 def layer_view(validator, layer: int, budget_bytes: int = DEFAULT_BUDGET) -> LayerView:
     """Stream every selected sample of ``layer`` through :class:`LayerMasses`."""
     from qkcheck.decompose import causal_mask
     from qkcheck.documents import document_mask, document_positions
 
+    if validator.specs[layer].qk_norm is not None:
+        raise DatasetViewError(f"layer {layer}: {QK_NORM_REASON}")
     s = validator.settings
     w, layout = validator.weights(layer), validator.layout(layer)
     acc = LayerMasses(w, layout, budget_bytes)
@@ -376,13 +390,17 @@ def _ticks(ax, rows: Tensor, cols: Tensor, view: LayerView) -> None:
 
 
 def write_dataset_view(validator, out_dir: Path, top_k: int) -> list[Path]:
-    """Write ``pairs_L<l>.json`` and ``pairs_L<l>.png`` per selected layer; returns paths."""
+    """Write ``pairs_L<l>.json`` and ``pairs_L<l>.png`` per selected layer (but those of
+    :func:`unsupported_layers`); returns paths."""
     from qkcheck.report import write_json
     from qkcheck.util import atomic_path
 
     run = validator.run.name
     paths: list[Path] = []
+    skip = unsupported_layers(validator)
     for layer in validator.layers:
+        if layer in skip:
+            continue
         view = layer_view(validator, layer)
         png = out_dir / f"pairs_L{layer}.png"
         fig = heatmap_figure(view, run)

@@ -310,7 +310,7 @@ class _State:
 
     def _dataset_view(self) -> dict[str, Any]:
         """pairs_L<l>.json and heat maps for a complete session (docs/design.md §9)."""
-        from qkcheck.dataset_view import write_dataset_view
+        from qkcheck.dataset_view import unsupported_layers, write_dataset_view
 
         if self.settings.mode != "weighted":
             return {"paths": [], "error": "the dataset-level view is computed in weighted mode"}
@@ -320,7 +320,8 @@ class _State:
             return {"paths": [], "error": str(e)}
         except Exception as e:  # never lose the summary (or the verdict) to this extra view
             return {"paths": [], "error": f"{type(e).__name__}: {e}"}
-        return {"paths": [str(p) for p in paths]}
+        skipped = {str(k): why for k, why in unsupported_layers(self.validator).items()}
+        return {"paths": [str(p) for p in paths], "skipped": skipped}
 
     def _writes_summary(self) -> bool:
         """Only the controller of a qkcheck session writes the summary (not for
@@ -673,6 +674,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
             tr.write_line(f"dataset view not written: {view['error']}", red=True)
         else:
             tr.write_line(f"dataset view: {len(view['paths'])} files in {state.artifacts}")
+        for layer, why in view.get("skipped", {}).items():
+            tr.write_line(f"dataset view: layer {layer} left out: {why}")
     for line in state.figure_errors:
         tr.write_line(f"figure failed: {line}", red=True)
     tr.write_line(f"figures: {len(summary['figures']['paths'])} in {state.artifacts}")

@@ -21,7 +21,10 @@ JSON schema (``summary.json`` in the artifacts directory)::
                             "abs_r_sketch": {…} | null,   # qkcheck.sketch, for merging
                             "logit_moments": {"sum", "sumsq", "count"} | null}},
      "figures": {"paths": [str], "left_out": int},
-     "skipped_layers": {"<layer>": str}}   # attention layers not validated, and why
+     "skipped_layers": {"<layer>": str},   # attention layers not validated, and why
+     "dataset_view": {"paths": [str],      # with --dataset-top-k > 0, complete sessions only
+                      "skipped": {"<layer>": str},   # layers left out of it, and why
+                      "error": str}}       # instead of paths/skipped when it failed
 
 Residual statistics and Δ fractions come from the run-level quality tests; they are null
 when those were deselected. Medians and percentiles come from a mergeable quantile sketch

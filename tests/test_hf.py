@@ -331,3 +331,14 @@ def test_binary_mode_gates_pairs_with_spds_own_ci(genuine_hf, run_id):
     got = item_plot_data(v, layer, 0, q).total
     assert abs(want).max() > 0.1  # some pairs survive the gate
     assert float(abs(got - want).max()) < 1e-4
+
+
+def test_the_dataset_view_leaves_qk_norm_layers_out_with_the_reason(tiny, tmp_path, monkeypatch):
+    from qkcheck.dataset_view import DatasetViewError, layer_view, write_dataset_view
+
+    v = _validator(_load(tiny, "qwen3", monkeypatch), n_samples=1)
+    with pytest.raises(DatasetViewError, match="QK-norm layer"):
+        layer_view(v, v.layers[0])
+    assert write_dataset_view(v, tmp_path, top_k=3) == []
+    llama = _validator(_load(tiny, "llama", monkeypatch), n_samples=1)
+    assert len(write_dataset_view(llama, tmp_path, top_k=3)) == 2 * len(llama.layers)
