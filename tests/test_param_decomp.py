@@ -332,16 +332,101 @@ def test_a_bad_launch_config_field_is_named(copy):
         load_run(RUN_ID)
 
 
-def test_hf_targets_are_refused_clearly_for_now(copy):
+def _hf_variant(copy, tmp_path, monkeypatch, kind, weights_dtype="float32", C=40):
+    """The copy's run made to decompose a tiny HF ``kind`` target's q/k (glu_transformer
+    sites) from a snapshot in a fresh HF hub cache; components: the SVD of each weight, plus
+    noise, so Δ is small but not zero."""
+    from tests.hf_runs import tiny_hf_model, write_snapshot
+
+    hub = tmp_path / "hub"
+    name, _ = write_snapshot(kind, hub)
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub))
+    state = tiny_hf_model(kind).state_dict()
+    g = torch.Generator().manual_seed(5)
+    stacks = {}
+    for side in ("q", "k"):
+        Vs, Us = [], []
+        for layer in (0, 1):
+            W = state[f"model.layers.{layer}.self_attn.{side}_proj.weight"].double()
+            u, sv, vh = torch.linalg.svd(W, full_matrices=False)
+            r = sv.numel()
+            V = torch.cat(
+                [
+                    vh.T * sv.sqrt(),
+                    0.1 * torch.randn(W.shape[1], C - r, generator=g, dtype=W.dtype),
+                ],
+                1,
+            )
+            U = torch.cat([(u * sv.sqrt()).T, torch.zeros(C - r, W.shape[0], dtype=W.dtype)], 0)
+            Vs.append(V.float().numpy())
+            Us.append((U + 0.01 * torch.randn(U.shape, generator=g, dtype=W.dtype)).float().numpy())
+        stacks[f"components.stacks.{side}.0"] = np.stack(Vs)
+        stacks[f"components.stacks.{side}.1"] = np.stack(Us)
+    classes = {"llama": "transformers.LlamaForCausalLM", "qwen3": "transformers.Qwen3ForCausalLM"}
+
+    def edit(cfg):
+        cfg["decomposition"]["sites"] = {
+            "kind": "glu_transformer",
+            "layers": {"kind": "all"},
+            "cs": {"q": C, "k": C},
+        }
+        cfg["target"]["spec"] = {"kind": "hf", "model_class": classes[kind], "model_name": name}
+        cfg["target"]["weights_dtype"] = weights_dtype
+
+    _variant(copy, stacks, edit)
+    return stacks
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen3"])
+def test_hf_targets_run_through_transformers_with_their_sites(copy, tmp_path, monkeypatch, kind):
+    stacks = _hf_variant(copy, tmp_path, monkeypatch, kind, weights_dtype="bfloat16")
+    run = load_run(RUN_ID)
+    paths = [f"model.layers.{i}.self_attn.{s}_proj" for s in ("q", "k") for i in (0, 1)]
+    assert run.module_paths == paths
+    assert layer_coverage(run.layers, set(run.module_paths)).decomposed == [0, 1]
+    V, U = run.components("model.layers.1.self_attn.k_proj")
+    np.testing.assert_array_equal(V.numpy(), stacks["components.stacks.k.0"][1])
+    np.testing.assert_array_equal(U.numpy(), stacks["components.stacks.k.1"][1])
+    W = run.target_weight("model.layers.1.self_attn.k_proj")[0]
+    snapshot_W = tiny_hf_model_weight(kind, "model.layers.1.self_attn.k_proj.weight")
+    assert torch.equal(W, snapshot_W.bfloat16().float()) and not torch.equal(W, snapshot_W)
+    assert (run.layers[0].qk_norm is not None) == (kind == "qwen3")
+    res = _suite(copy, "--artifacts-dir", str(tmp_path / "art"), "--plots", "none")
+    assert res.returncode == 0, res.stdout[-3000:]
+    summary = json.loads((tmp_path / "art" / "summary.json").read_text())
+    assert summary["totals"] == {"items": 12, "passed": 12, "failed": 0}
+    assert max(row["max_closure_error"] for row in summary["layers"].values()) < 1e-5
+
+
+def tiny_hf_model_weight(kind: str, key: str) -> torch.Tensor:
+    from tests.hf_runs import tiny_hf_model
+
+    return tiny_hf_model(kind).state_dict()[key]
+
+
+def test_hf_target_with_components_of_the_wrong_layer_fails_the_gate(copy, tmp_path, monkeypatch):
+    stacks = _hf_variant(copy, tmp_path, monkeypatch, "llama")
+    swapped = {k: a[::-1].copy() for k, a in stacks.items()}
+    _variant(copy, swapped, lambda cfg: None)
+    res = _suite(copy, "--artifacts-dir", str(tmp_path / "art"), "--plots", "none")
+    assert res.returncode == 1, res.stdout[-3000:]
+    assert "test_weight_delta_is_within_budget[model.layers.0.self_attn.q_proj]" in res.stdout
+
+
+def test_hf_target_errors_name_the_field(copy, tmp_path, monkeypatch):
+    _hf_variant(copy, tmp_path, monkeypatch, "llama")
     path = copy / "runs" / RUN_ID / "launch_config.yaml"
     cfg = yaml.safe_load(path.read_text())
-    cfg["target"]["spec"] = {
-        "kind": "hf",
-        "model_class": "transformers.Qwen3ForCausalLM",
-        "model_name": "Qwen/Qwen3-0.6B",
-    }
+    cfg["decomposition"]["sites"]["kind"] = "simple_mlp"
+    cfg["decomposition"]["sites"]["cs"] = {"q_proj": 40, "k_proj": 40}
     path.write_text(yaml.safe_dump(cfg))
-    with pytest.raises(UnsupportedError, match=r"HF targets for param-decomp runs need"):
+    with pytest.raises(ConfigError, match=r"field 'decomposition.sites.kind': HF targets are"):
+        load_run(RUN_ID)
+    cfg["decomposition"]["sites"] = {"kind": "glu_transformer", "layers": {"kind": "all"}}
+    cfg["decomposition"]["sites"]["cs"] = {"q": 40, "k": 40}
+    cfg["target"]["spec"]["model_name"] = "tiny/absent"
+    path.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(RunNotFoundError, match=r"HF_HUB_CACHE"):
         load_run(RUN_ID)
 
 

@@ -22,17 +22,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from qkcheck.errors import ConfigError
 
-#: the query/key site kinds of each ``sites.kind`` and their module paths (``{i}``: layer)
-ATTENTION_SITES: dict[str, dict[str, str]] = {
-    "simple_mlp": {"q": "h.{i}.attn.q_proj", "k": "h.{i}.attn.k_proj"},
-    "glu_transformer": {"q": "layers.{i}.self_attn.q_proj", "k": "layers.{i}.self_attn.k_proj"},
-}
-#: the ``cs`` key (stack name) of the query/key sites of each ``sites.kind``
-STACK_KINDS: dict[str, dict[str, str]] = {
-    "simple_mlp": {"q": "q_proj", "k": "k_proj"},
-    "glu_transformer": {"q": "q", "k": "k"},
-}
-
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)

@@ -51,9 +51,16 @@ class Site:
         return f"components.stacks.{self.kind}.1"
 
 
+#: module-path prefix of the sites of an HF target: param-decomp names a Llama/Qwen3 site
+#: ``layers.{i}.self_attn.q_proj``, the transformers module is ``model.layers.{i}…``
+HF_PREFIX = "model."
+
+
 def build_sites(config: LaunchConfig, n_layer: int) -> dict[str, Site]:
-    """Every decomposed module path -> its :class:`Site`, kinds in ``cs`` order."""
+    """Every decomposed module path (the target model's own) -> its :class:`Site`, kinds in
+    ``cs`` order."""
     sites = config.decomposition.sites
+    prefix = HF_PREFIX if config.target.spec.kind == "hf" else ""
     paths = SITE_PATHS[sites.kind]
     unknown = [k for k in sites.cs if k not in paths]
     if unknown:
@@ -65,7 +72,7 @@ def build_sites(config: LaunchConfig, n_layer: int) -> dict[str, Site]:
     out: dict[str, Site] = {}
     for kind, C in sites.cs.items():
         for rank, layer in enumerate(layers):
-            path = paths[kind].format(i=layer)
+            path = prefix + paths[kind].format(i=layer)
             out[path] = Site(path, kind, layer, rank, C)
     return out
 

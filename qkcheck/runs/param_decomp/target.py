@@ -6,7 +6,8 @@ architecture) and ``model_step_<N>.safetensors`` (or the torch-era ``model_step_
 the largest N is used). ``lm_head`` is tied to ``wte``. The roots searched: the one the run
 sits in, ``$PARAM_DECOMP_OUT_DIR``, qkcheck's cache.
 
-``target.spec.kind: hf`` (a ``transformers`` class) goes through :func:`build_hf_target`.
+``target.spec.kind: hf`` (a ``transformers`` class, ``model_name`` in the HF hub cache) goes
+through :func:`build_hf_target`.
 
 ``target.weights_dtype`` is honoured by rounding every weight to it (the values the run's
 target holds); the model then computes in float32 — exact on those values — as
@@ -25,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from qkcheck.errors import CheckpointError, RunNotFoundError, UnsupportedError
+from qkcheck.errors import CheckpointError, ConfigError, RunNotFoundError, UnsupportedError
 from qkcheck.models import build_target_model
 from qkcheck.models.common import TargetModel
 from qkcheck.runs.checkpoint import read_checkpoint
@@ -119,16 +120,28 @@ def load_pretrained_target(
 
 
 def build_hf_target(config: LaunchConfig) -> tuple[TargetModel, dict[str, Any]]:
-    """The seam for ``target.spec.kind: hf``: build the transformers target named by
-    ``target.spec.model_class`` (e.g. ``transformers.Qwen3ForCausalLM``) from the snapshot of
-    ``target.spec.model_name`` in the HF hub cache, weights cast to ``weights_dtype``.
+    """The transformers target of ``target.spec.kind: hf``: class ``target.spec.model_class``
+    (e.g. ``transformers.Qwen3ForCausalLM``, see :mod:`qkcheck.models.hf`) built from the
+    snapshot of ``target.spec.model_name`` (a local folder or the HF hub cache, see
+    :func:`~qkcheck.models.hf_hub.find_snapshot`), its safetensors rounded to
+    ``weights_dtype``. Returns the model and its ``config.json``."""
+    from qkcheck.models.hf import HFTarget, is_hf_class, read_hf_config, read_snapshot_weights
+    from qkcheck.models.hf_hub import find_snapshot
 
-    Not wired yet: this needs qkcheck's transformers targets (Llama, Qwen3 with QK-norm).
-    """
     spec = config.target.spec
-    raise UnsupportedError(
-        f"{config.path}: field 'target.spec': HF targets for param-decomp runs need qkcheck's "
-        f"transformers target support (model_class {spec.model_class!r}, model_name "
-        f"{spec.model_name!r}), which this version lacks; LlamaSimpleMLP targets "
-        "(kind: pretrained) are supported"
-    )
+    if not is_hf_class(spec.model_class):
+        raise UnsupportedError(
+            f"{config.path}: field 'target.spec.model_class': {spec.model_class!r} is not a "
+            "transformers class (expected e.g. transformers.LlamaForCausalLM)"
+        )
+    if config.decomposition.sites.kind != "glu_transformer":
+        raise ConfigError(
+            f"{config.path}: field 'decomposition.sites.kind': HF targets are decomposed as "
+            f"'glu_transformer' sites, not {config.decomposition.sites.kind!r}",
+            field="decomposition.sites.kind",
+        )
+    snapshot = find_snapshot(spec.model_name, near=config.path.parent)
+    dtype = DTYPES[config.target.weights_dtype]
+    state = {k: v.to(dtype) for k, v in read_snapshot_weights(snapshot).items()}
+    model = HFTarget.build(spec.model_class, snapshot, state, source=str(snapshot))
+    return model, read_hf_config(snapshot)
