@@ -45,8 +45,12 @@ def dense_logits(
     scale: float,
     positions: Tensor | None = None,
     head_map=None,
+    qk_norm: tuple[Tensor, Tensor, float] | None = None,
 ) -> Tensor:
-    """``(batch, head, i, j)`` pre-softmax logits ``scale · (R_i q_i)·(R_j k_j)``, float64."""
+    """``(batch, head, i, j)`` pre-softmax logits ``scale · (R_i q_i)·(R_j k_j)``, float64.
+
+    ``qk_norm`` ``(gamma_q, gamma_k, eps)``: each head vector ``v`` becomes
+    ``gamma ⊙ v / sqrt(mean(v²) + eps)`` before the rotation (Qwen3)."""
     x = x.double()
     batch, T, _ = x.shape
     q = x @ W_Q.double().T
@@ -57,6 +61,10 @@ def dense_logits(
         k = k + b_K.double()
     q = q.reshape(batch, T, n_head, head_dim)
     k = k.reshape(batch, T, n_kv, head_dim)
+    if qk_norm is not None:
+        gamma_q, gamma_k, eps = qk_norm
+        q = gamma_q.double() * q / torch.sqrt((q * q).mean(dim=-1, keepdim=True) + eps)
+        k = gamma_k.double() * k / torch.sqrt((k * k).mean(dim=-1, keepdim=True) + eps)
     if positions is None:
         positions = torch.arange(T)
     if rotary_dim:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from qkcheck.decompose import (
@@ -54,6 +54,10 @@ class Case:
     adjacent: bool
     dtype: torch.dtype
     base: float = 10000.0
+    #: QK-norm gains (head_dim,) and eps, or None
+    gamma_Q: torch.Tensor | None = None
+    gamma_K: torch.Tensor | None = None
+    qk_eps: float | None = None
 
     @property
     def scale(self) -> float:
@@ -62,12 +66,21 @@ class Case:
     @property
     def layout(self) -> HeadLayout:
         rot = RotaryConfig(self.rotary_dim, self.base, self.adjacent) if self.rotary_dim else None
-        return HeadLayout(self.n_head, self.n_kv, self.head_dim, self.scale, rot)
+        return HeadLayout(self.n_head, self.n_kv, self.head_dim, self.scale, rot, self.qk_eps)
 
     @property
     def weights(self) -> LayerWeights:
         return LayerWeights.from_target(
-            self.V_Q, self.U_Q, self.V_K, self.U_K, self.W_Q, self.W_K, self.b_Q, self.b_K
+            self.V_Q,
+            self.U_Q,
+            self.V_K,
+            self.U_K,
+            self.W_Q,
+            self.W_K,
+            self.b_Q,
+            self.b_K,
+            gamma_Q=self.gamma_Q,
+            gamma_K=self.gamma_K,
         )
 
     def reference(self, positions=None, **overrides) -> torch.Tensor:
@@ -80,6 +93,7 @@ class Case:
             adjacent=self.adjacent,
             scale=self.scale,
             positions=positions,
+            qk_norm=None if self.qk_eps is None else (self.gamma_Q, self.gamma_K, self.qk_eps),
         )
         kw.update(overrides)
         return dense_logits(self.x, self.W_Q, self.W_K, self.b_Q, self.b_K, **kw)
@@ -93,7 +107,9 @@ class Case:
 
 
 @st.composite
-def cases(draw, exact: bool = False, dtype=None, bias=None, rotary=None) -> Case:
+def cases(
+    draw, exact: bool = False, dtype=None, bias=None, rotary=None, qk_norm: bool = False
+) -> Case:
     n_kv = draw(st.integers(1, 3))
     group = draw(st.integers(1, 3))
     head_dim = 2 * draw(st.integers(1, 4))
@@ -128,6 +144,13 @@ def cases(draw, exact: bool = False, dtype=None, bias=None, rotary=None) -> Case
     def cast(t):
         return None if t is None else t.to(dtype)
 
+    norm = {}
+    if qk_norm:  # gains of either sign around 1, shared by the heads of a side
+        norm = dict(
+            gamma_Q=cast(1 + 0.5 * randn(head_dim)),
+            gamma_K=cast(1 + 0.5 * randn(head_dim)),
+            qk_eps=draw(st.sampled_from([1e-6, 1e-2, 1.0])),
+        )
     return Case(
         x=cast(randn(batch, T, d_model)),
         V_Q=cast(V_Q),
@@ -144,6 +167,7 @@ def cases(draw, exact: bool = False, dtype=None, bias=None, rotary=None) -> Case
         rotary_dim=rotary_dim,
         adjacent=draw(st.booleans()),
         dtype=dtype,
+        **norm,
     )
 
 
@@ -183,6 +207,71 @@ def test_the_sum_over_all_pairs_with_delta_and_bias_equals_the_reference_logit(c
     assert err <= tol, f"closure error {err:.3g} > tolerance {tol:.3g}"
     if case.dtype == torch.float64:
         assert err <= 1e-10
+
+
+@given(cases(qk_norm=True))
+def test_with_qk_norm_the_sum_over_all_pairs_still_equals_the_reference_logit(case):
+    """QK-norm scales every term of a side by the same σ(pos, head)·γ (docs/design.md §11)."""
+    err, tol = closure_violations(case, case.reference())
+    assert err <= tol, f"closure error {err:.3g} > tolerance {tol:.3g}"
+    if case.dtype == torch.float64:
+        assert err <= 1e-10
+
+
+@given(cases(qk_norm=True, dtype=torch.float64))
+def test_qk_norm_omitted_or_its_gains_ignored_breaks_closure(case):
+    ref = case.reference()
+    plain = replace(case, qk_eps=None, gamma_Q=None, gamma_K=None)
+    no_gain = replace(case, gamma_Q=torch.ones_like(case.gamma_Q))
+    assume(lower(ref.abs()).max().item() > 1e-3)  # a logit that is not ~0
+    assert closure_violations(plain, ref)[0] > 1e-6
+    assert closure_violations(no_gain, ref)[0] > 1e-6
+
+
+@given(cases(qk_norm=True))
+def test_with_qk_norm_the_residual_is_within_both_bounds(case):
+    dec = decompose_layer(case.x, case.weights, case.layout, target=case.reference().to(case.dtype))
+    slack = case.tolerance() * dec.magnitude
+    r, bd, bw = dec.residual.abs(), dec.data_bound, dec.weight_bound
+    assert lower(r - bd - slack).max().item() <= 0, "|r| exceeds B_data"
+    assert lower(bd - bw - slack).max().item() <= 0, "B_data exceeds B_weight"
+
+
+@given(cases(), st.booleans())
+def test_a_fused_projection_sliced_into_q_and_k_closes(case, k_first):
+    """One (V, U) for q and k (GPT-2's c_attn): the sides are column slices of U, rows of W
+    and entries of b, with the same component activations (docs/design.md §10)."""
+    dq, dk = case.W_Q.shape[0], case.W_K.shape[0]
+    V = case.V_Q
+    extra = torch.randn(V.shape[1], dk, dtype=V.dtype, generator=torch.Generator().manual_seed(1))
+    U = torch.cat([extra, case.U_Q] if k_first else [case.U_Q, extra], dim=1)
+    W = torch.cat([case.W_K, case.W_Q] if k_first else [case.W_Q, case.W_K], dim=0)
+    q_cols, k_cols = ((dk, dk + dq), (0, dk)) if k_first else ((0, dq), (dq, dq + dk))
+    b = None
+    if case.b_Q is not None:
+        b = torch.cat([case.b_K, case.b_Q] if k_first else [case.b_Q, case.b_K])
+
+    def side(cols):
+        lo, hi = cols
+        return U[:, lo:hi], W[lo:hi], None if b is None else b[lo:hi]
+
+    (U_Q, W_Q, b_Q), (U_K, W_K, b_K) = side(q_cols), side(k_cols)
+    fused = replace(case, V_K=V, U_Q=U_Q, U_K=U_K, W_Q=W_Q, W_K=W_K, b_Q=b_Q, b_K=b_K)
+    ref = dense_logits(case.x, W[slice(*q_cols)], W[slice(*k_cols)], b_Q, b_K, **_layout_kw(case))
+    err, tol = closure_violations(fused, ref)
+    assert err <= tol, f"closure error {err:.3g} > tolerance {tol:.3g}"
+
+
+def _layout_kw(case: Case) -> dict:
+    return dict(
+        n_head=case.n_head,
+        n_kv=case.n_kv,
+        head_dim=case.head_dim,
+        rotary_dim=case.rotary_dim,
+        base=case.base,
+        adjacent=case.adjacent,
+        scale=case.scale,
+    )
 
 
 # --- (b) bounds ------------------------------------------------------------------------
