@@ -319,3 +319,80 @@ def test_global_ci_needs_every_modules_input():
         match=r"global CI reads every decomposed module's input; missing 'h\.0\.attn\.k_proj'",
     ):
         ci.lower({"h.0.attn.q_proj": inputs["h.0.attn.q_proj"]}, ["h.0.attn.q_proj"])
+
+
+# --- binary mode end to end, per CI type --------------------------------------------------
+
+
+def _with_ci(run_dir: Path, fn_type: str) -> None:
+    """Replace the genuine run's shared_mlp CI by random weights of ``fn_type`` (in spd's
+    checkpoint key layout) for every decomposed module."""
+    ckpt = run_dir / "model_400.pth"
+    state = {
+        k: v for k, v in torch.load(ckpt, weights_only=True).items() if not k.startswith("ci_fn.")
+    }
+    comps = {
+        k.removeprefix("_components.").removesuffix(".V").replace("-", "."): v
+        for k, v in state.items()
+        if k.startswith("_components.") and k.endswith(".V")
+    }
+    gen = torch.Generator().manual_seed(0)
+    hidden = 8
+    if fn_type == "global_shared_mlp":
+        dims = [
+            sum(V.shape[0] for V in comps.values()),
+            hidden,
+            sum(V.shape[1] for V in comps.values()),
+        ]
+        for n in range(2):
+            state[f"ci_fn._global_ci_fn.layers.{2 * n}.W"] = (
+                torch.randn(dims[n], dims[n + 1], generator=gen) * 0.2
+            )
+            state[f"ci_fn._global_ci_fn.layers.{2 * n}.b"] = torch.randn(dims[n + 1], generator=gen)
+    else:
+        for path, V in comps.items():
+            d_in, C = V.shape
+            dims = [1 if fn_type == "mlp" else d_in, hidden, 1]
+            for n in range(2):
+                key = f"_ci_fns.{path.replace('.', '-')}.layers.{2 * n}"
+                state[key + ".W"] = torch.randn(C, dims[n], dims[n + 1], generator=gen) * 0.3
+                state[key + ".b"] = torch.randn(C, dims[n + 1], generator=gen)
+    torch.save(state, ckpt)
+    config_path = run_dir / "final_config.yaml"
+    config = yaml.safe_load(config_path.read_text())
+    config["ci_config"] = {
+        "mode": "global" if fn_type.startswith("global") else "layerwise",
+        "fn_type": fn_type,
+        "hidden_dims": [hidden],
+    }
+    config_path.write_text(yaml.safe_dump(config))
+
+
+@pytest.mark.parametrize("fn_type", ["mlp", "vector_mlp", "global_shared_mlp"])
+def test_binary_mode_draws_figures_with_each_ci_type(fn_type, spd_out_copy, tmp_path):
+    """(shared_mlp: the genuine run itself and the HF runs; the global transformers:
+    tests/test_ci_global.py.) The CI gates some pairs and not others."""
+    import subprocess
+    import sys
+
+    from tests.conftest import GENUINE, GENUINE_RUN_ID
+
+    _with_ci(spd_out_copy / "spd" / GENUINE_RUN_ID, fn_type)
+    from qkcheck import load_run
+
+    run = load_run(spd_out_copy / "spd" / GENUINE_RUN_ID)
+    tokens = torch.load(GENUINE / "reference" / "tokens.pt", weights_only=True)[:1]
+    ci = run.causal_importances(tokens, paths=["h.1.attn.q_proj", "h.1.attn.k_proj"])
+    for v in ci.values():
+        assert 0 < float((v > 0.1).float().mean()) < 1
+    art = tmp_path / "art"
+    cmd = [sys.executable, "-m", "pytest", "validation/", "-p", "no:cacheprovider", "-q"]
+    cmd += ["--run-id", str(spd_out_copy / "spd" / GENUINE_RUN_ID), "--mode", "binary"]
+    cmd += ["--samples-file", str(GENUINE / "reference" / "tokens.pt"), "-k", "L1-S0-Q20"]
+    cmd += ["--plots", "all", "--max-plots", "1", "--artifacts-dir", str(art)]
+    root = Path(__file__).parents[1]
+    done = subprocess.run(cmd, cwd=root, text=True, capture_output=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    assert "figure failed" not in done.stdout
+    pngs = list(art.glob("*.png"))
+    assert pngs and all(p.stat().st_size > 10_000 for p in pngs)
