@@ -204,7 +204,9 @@ def test_a_checkpoint_without_target_weights_is_refused(genuine_state, genuine_m
 
 
 def test_a_C_that_disagrees_with_the_tensors_is_a_shape_mismatch(genuine_state, genuine_modules):
-    modules = dict(genuine_modules) | {"h.0.attn.q_proj": ModulePattern("h.*.attn.q_proj", 40)}
+    modules = dict(genuine_modules) | {
+        "h.0.attn.q_proj": ModulePattern(module_pattern="h.*.attn.q_proj", C=40)
+    }
     with pytest.raises(
         CheckpointError,
         match=r"shape mismatch for module 'h.0.attn.q_proj': module_info pattern "

@@ -34,10 +34,10 @@ def test_the_genuine_config_gives_the_fields_qkcheck_needs():
     assert config.pretrained_model_class == "spd.pretrain.models.llama_simple_mlp.LlamaSimpleMLP"
     assert config.pretrained_reference == "wandb:goodfire/spd/runs/t-5eed0000"
     assert config.module_info[:2] == (
-        ModulePattern("h.*.attn.q_proj", 48),
-        ModulePattern("h.*.attn.k_proj", 32),
+        ModulePattern(module_pattern="h.*.attn.q_proj", C=48),
+        ModulePattern(module_pattern="h.*.attn.k_proj", C=32),
     )
-    assert config.ci_config == CIConfig("layerwise", "shared_mlp", (64,))
+    assert config.ci_config == CIConfig(mode="layerwise", fn_type="shared_mlp", hidden_dims=(64,))
     assert config.ci_config.as_dict() == {
         "mode": "layerwise",
         "fn_type": "shared_mlp",
@@ -67,10 +67,10 @@ def test_old_configs_are_migrated_as_spd_migrates_them(genuine_raw):
     del old["pretrained_model_name"]
     config = parse_spd_config(old, WHERE)
     assert config.module_info == (
-        ModulePattern("h.*.attn.q_proj", 40),
-        ModulePattern("h.*.attn.k_proj", 40),
+        ModulePattern(module_pattern="h.*.attn.q_proj", C=40),
+        ModulePattern(module_pattern="h.*.attn.k_proj", C=40),
     )
-    assert config.ci_config == CIConfig("layerwise", "vector_mlp", (16,))
+    assert config.ci_config == CIConfig(mode="layerwise", fn_type="vector_mlp", hidden_dims=(16,))
     assert config.pretrained_model_class == "spd.pretrain.models.llama_simple_mlp.LlamaSimpleMLP"
     assert config.pretrained_model_name == "wandb:goodfire/spd/runs/t-5eed0000"
 
@@ -78,11 +78,14 @@ def test_old_configs_are_migrated_as_spd_migrates_them(genuine_raw):
 @pytest.mark.parametrize(
     ("old", "expected"),
     [
-        ({"use_global_ci": True}, CIConfig("global", "global_shared_mlp", (8,))),
-        ({"ci_fn_type": "mlp"}, CIConfig("layerwise", "mlp", (8,))),
+        (
+            {"use_global_ci": True},
+            CIConfig(mode="global", fn_type="global_shared_mlp", hidden_dims=(8,)),
+        ),
+        ({"ci_fn_type": "mlp"}, CIConfig(mode="layerwise", fn_type="mlp", hidden_dims=(8,))),
         (
             {"ci_fn_type": "global_shared_mlp", "ci_fn_hidden_dims": [4]},
-            CIConfig("global", "global_shared_mlp", (4,)),
+            CIConfig(mode="global", fn_type="global_shared_mlp", hidden_dims=(4,)),
         ),
     ],
 )
@@ -114,13 +117,18 @@ def test_old_ci_fields_map_to_ci_config(genuine_raw, old, expected):
         ),
         (
             {"ci_config": {"fn_type": "mlp", "hidden_dims": "64"}},
-            "field 'ci_config.hidden_dims' must be a list of non-negative integers, got '64'",
+            "field 'ci_config.hidden_dims' must be a list, got '64'",
         ),
         (
             {"task_config": {"max_seq_len": "long"}},
-            "field 'task_config.max_seq_len' must be a positive integer, got 'long'",
+            "field 'task_config.max_seq_len' must be an integer, got 'long'",
         ),
-        ({"C": 4}, "required field 'target_module_patterns' is missing"),
+        ({"C": 4}, "field 'target_module_patterns' is required with the old 'C'"),
+        (
+            {"ci_config": {"fn_type": "mlp", "hidden_dims": [64, -1]}},
+            r"field 'ci_config.hidden_dims\[1\]' must be a non-negative integer, got -1",
+        ),
+        ({"sigmoid_type": 3}, "field 'sigmoid_type' must be a string, got 3"),
     ],
     ids=[
         "class",
@@ -132,11 +140,20 @@ def test_old_ci_fields_map_to_ci_config(genuine_raw, old, expected):
         "dims",
         "task",
         "old-C",
+        "negative-dim",
+        "sigmoid",
     ],
 )
 def test_a_bad_field_names_file_field_and_value(genuine_raw, change, message):
     with pytest.raises(ConfigError, match=rf"^final_config.yaml: {message}"):
         parse_spd_config({**genuine_raw, **change}, WHERE)
+
+
+def test_the_field_travels_as_data(genuine_raw):
+    with pytest.raises(ConfigError) as e:
+        parse_spd_config({**genuine_raw, "task_config": {"max_seq_len": 0}}, WHERE)
+    assert e.value.field == "task_config.max_seq_len"
+    assert "must be a positive integer, got 0" in str(e.value)
 
 
 def test_a_missing_needed_field_is_named(genuine_raw):
@@ -211,7 +228,10 @@ MODULES = [
     ],
 )
 def test_module_patterns_expand_with_fnmatch(pattern, expected):
-    assert list(expand_module_info([ModulePattern(pattern, 4)], MODULES, WHERE)) == expected
+    assert (
+        list(expand_module_info([ModulePattern(module_pattern=pattern, C=4)], MODULES, WHERE))
+        == expected
+    )
 
 
 def test_a_pattern_matching_nothing_lists_the_modules():
@@ -220,11 +240,14 @@ def test_a_pattern_matching_nothing_lists_the_modules():
         match=r"module_info pattern 'h.\*.attn.c_attn' \(C=8\) matches no module of the "
         r"target model; its weight modules are: wte, h.0.attn.q_proj",
     ):
-        expand_module_info([ModulePattern("h.*.attn.c_attn", 8)], MODULES, WHERE)
+        expand_module_info([ModulePattern(module_pattern="h.*.attn.c_attn", C=8)], MODULES, WHERE)
 
 
 def test_a_module_matched_by_two_patterns_is_refused():
-    patterns = [ModulePattern("h.*.attn.*", 8), ModulePattern("h.0.attn.q_proj", 4)]
+    patterns = [
+        ModulePattern(module_pattern="h.*.attn.*", C=8),
+        ModulePattern(module_pattern="h.0.attn.q_proj", C=4),
+    ]
     with pytest.raises(
         ConfigError,
         match=r"module 'h.0.attn.q_proj' matches two module_info patterns, 'h.\*.attn.\*' and "
@@ -235,6 +258,6 @@ def test_a_module_matched_by_two_patterns_is_refused():
 
 def test_identity_patterns_name_an_inserted_module():
     expanded = expand_module_info(
-        [ModulePattern("h.0.attn.q_proj", 4, identity=True)], MODULES, WHERE
+        [ModulePattern(module_pattern="h.0.attn.q_proj", C=4, identity=True)], MODULES, WHERE
     )
     assert list(expanded) == ["h.0.attn.q_proj.pre_identity"]

@@ -1,88 +1,198 @@
-"""SPD and pretrain YAML configs → typed settings, leniently.
+"""SPD and pretrain YAML configs → typed settings, leniently, with pydantic.
 
 spd dumps its whole pydantic ``Config`` to ``final_config.yaml``. qkcheck reads only the
 fields it needs, validates those (name, type, allowed values) and ignores everything
-else, so configs from newer spd versions still load. Older configs are migrated the way
-spd migrates them: ``C`` + ``target_module_patterns`` → ``module_info``; top-level
-``ci_fn_type`` / ``ci_fn_hidden_dims`` / ``use_global_ci`` → ``ci_config``;
-``pretrained_model_name_hf`` → ``pretrained_model_name``; ``simple_stories_train.models.*``
-→ ``spd.pretrain.models.*``.
+else (``extra="ignore"``), so configs from newer spd versions still load. Older configs are
+migrated the way spd migrates them, in a ``mode="before"`` validator: ``C`` +
+``target_module_patterns`` → ``module_info``; top-level ``ci_fn_type`` /
+``ci_fn_hidden_dims`` / ``use_global_ci`` → ``ci_config``; ``pretrained_model_name_hf`` →
+``pretrained_model_name``; ``simple_stories_train.models.*`` → ``spd.pretrain.models.*``.
+
+:func:`validated` is the one way qkcheck turns a YAML mapping into a config model (also for
+param-decomp's ``launch_config.yaml``): any problem is one :class:`ConfigError` naming the
+file, the field (also as ``ConfigError.field``) and the value.
 """
 
 from __future__ import annotations
 
 import fnmatch
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, TypeVar
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from qkcheck.errors import ConfigError
 
 IDENTITY_SUFFIX = ".pre_identity"  # spd inserts identity modules under this name
 
-_MISSING = object()
+M = TypeVar("M", bound=BaseModel)
+PositiveInt = Annotated[int, Field(gt=0)]
 
 
-@dataclass(frozen=True)
-class ModulePattern:
+class Lenient(BaseModel):
+    """A config section: unknown fields ignored, values type-checked without coercion
+    (``"64"`` is not an int, ``true`` is not 1), immutable."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True, strict=True)
+
+
+class ModulePattern(Lenient):
     """One ``module_info`` entry: an fnmatch pattern (``*`` also matches dots) and its C."""
 
-    pattern: str
-    C: int
+    pattern: str = Field(alias="module_pattern")
+    C: PositiveInt
     identity: bool = False  # from identity_module_info: decomposes an inserted identity map
 
 
-@dataclass(frozen=True)
-class CIConfig:
-    """``ci_config``: ``mode`` layerwise|global, ``fn_type``, ``hidden_dims``, the rest raw."""
+class CIConfig(BaseModel):
+    """``ci_config``: ``mode`` layerwise|global, ``fn_type``, ``hidden_dims``; every other
+    field is kept (the global CI functions read theirs, qkcheck.ci)."""
 
-    mode: str
+    model_config = ConfigDict(extra="allow", frozen=True, strict=True)
+
+    mode: str = "layerwise"
     fn_type: str
-    hidden_dims: tuple[int, ...] | None
-    raw: Mapping[str, Any] = field(default_factory=dict, repr=False)
+    hidden_dims: tuple[Annotated[int, Field(ge=0)], ...] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """Every field, as the CI-function builder takes them."""
         dims = list(self.hidden_dims) if self.hidden_dims is not None else None
-        return {**self.raw, "mode": self.mode, "fn_type": self.fn_type, "hidden_dims": dims}
+        extra = dict(self.model_extra or {})
+        return {**extra, "mode": self.mode, "fn_type": self.fn_type, "hidden_dims": dims}
 
 
-@dataclass(frozen=True)
-class TaskConfig:
+class TaskConfig(Lenient):
     """The LM ``task_config`` (defaults as in spd's ``LMTaskConfig``)."""
 
     task_name: str = "lm"
     dataset_name: str | None = None
     column_name: str = "story"
-    max_seq_len: int = 512
+    max_seq_len: PositiveInt = 512
     is_tokenized: bool = False
     train_data_split: str = "train"
     eval_data_split: str = "test"
     streaming: bool = False
 
 
-@dataclass(frozen=True)
-class SPDConfig:
+class SPDConfig(Lenient):
     """The fields of an SPD run's ``final_config.yaml`` that qkcheck uses."""
 
-    path: Path
+    path: Path = Field(default=Path(), strict=False)
     pretrained_model_class: str
-    pretrained_model_name: str | None
-    pretrained_model_path: str | None
-    module_info: tuple[ModulePattern, ...]
+    pretrained_model_name: str | None = None
+    pretrained_model_path: str | None = None
+    module_info: tuple[ModulePattern, ...] = Field(min_length=1)
     ci_config: CIConfig
-    sigmoid_type: str
-    tokenizer_name: str | None
-    task_config: TaskConfig | None
-    raw: Mapping[str, Any] = field(repr=False)
+    sigmoid_type: str = "leaky_hard"
+    tokenizer_name: str | None = None
+    task_config: TaskConfig | None = None
 
     @property
     def pretrained_reference(self) -> str | None:
         """Where the target model comes from: ``pretrained_model_name``, else ``_path``."""
         return self.pretrained_model_name or self.pretrained_model_path
+
+    @model_validator(mode="before")
+    @classmethod
+    def _migrate(cls, data: Any) -> Any:
+        """spd's deprecated-field migrations (``Config.handle_deprecated_config_keys``)."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        if "C" in data or "target_module_patterns" in data:
+            c, patterns = data.get("C"), data.get("target_module_patterns")
+            if patterns is None:
+                raise ValueError("field 'target_module_patterns' is required with the old 'C'")
+            if not isinstance(patterns, list):
+                patterns = [patterns]  # reported as a bad module_info[0].module_pattern
+            data.setdefault("module_info", [{"module_pattern": p, "C": c} for p in patterns])
+            identity = data.pop("identity_module_patterns", None)
+            if identity is not None:
+                data["identity_module_info"] = [{"module_pattern": p, "C": c} for p in identity]
+        if any(k in data for k in ("ci_fn_type", "ci_fn_hidden_dims", "use_global_ci")):
+            fn_type = data.pop("ci_fn_type", "vector_mlp")
+            hidden = data.pop("ci_fn_hidden_dims", [8])
+            is_global = bool(data.pop("use_global_ci", False)) or str(fn_type).startswith("global_")
+            if is_global and not str(fn_type).startswith("global_"):
+                fn_type = "global_shared_mlp"
+            mode = "global" if is_global else "layerwise"
+            data.setdefault("ci_config", {"mode": mode, "fn_type": fn_type, "hidden_dims": hidden})
+        if "pretrained_model_name_hf" in data:
+            data.setdefault("pretrained_model_name", data.pop("pretrained_model_name_hf"))
+        model_class = data.get("pretrained_model_class")
+        old = "simple_stories_train.models."
+        if isinstance(model_class, str) and model_class.startswith(old):
+            data["pretrained_model_class"] = "spd.pretrain.models." + model_class[len(old) :]
+        # strict models take tuples, YAML gives lists
+        ci = data.get("ci_config")
+        if isinstance(ci, dict) and isinstance(ci.get("hidden_dims"), list):
+            data["ci_config"] = {**ci, "hidden_dims": tuple(ci["hidden_dims"])}
+        if not isinstance(data.get("task_config"), dict):
+            data["task_config"] = None  # not an LM run (or no task): nothing to read
+        # identity patterns join module_info, marked (their entries are checked alike)
+        modules, extra = data.get("module_info"), data.pop("identity_module_info", None)
+        if isinstance(modules, list) and isinstance(extra, list):
+            marked = [{**e, "identity": True} if isinstance(e, dict) else e for e in extra]
+            data["module_info"] = [*modules, *marked]
+        if isinstance(data.get("module_info"), list):
+            data["module_info"] = tuple(data["module_info"])
+        return data
+
+
+def validated(model: type[M], data: Mapping[str, Any], path: Path) -> M:
+    """``model`` from ``data`` (read from ``path``); a ValidationError becomes one
+    ConfigError: ``<path>: field 'a.b[0].c' <what was wrong>, got <value>``."""
+    try:
+        return model.model_validate({**data, "path": path})
+    except ValidationError as e:
+        raise _config_error(e, path) from None
+
+
+#: what a field must be, by pydantic error type
+_EXPECTED = {
+    "string_type": "a string",
+    "int_type": "an integer",
+    "bool_type": "true or false",
+    "dict_type": "a mapping",
+    "model_type": "a mapping",
+    "model_attributes_type": "a mapping",
+    "tuple_type": "a list",
+    "list_type": "a list",
+    "float_type": "a number",
+    "literal_error": None,  # pydantic's own message lists the allowed values
+    "union_tag_invalid": None,
+    "union_tag_not_found": None,
+}
+
+
+def _config_error(e: ValidationError, path: Path) -> ConfigError:
+    err = e.errors()[0]
+    loc = [p for p in err["loc"] if not str(p).startswith("function-")]
+    field = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
+    if field.endswith("module_pattern") or field.endswith(".pattern"):
+        field = field.rsplit(".", 1)[0] + ".module_pattern"
+    kind, value = err["type"], err.get("input")
+    if not field:  # a model-level check (the migrations)
+        return ConfigError(f"{path}: {err['msg'].removeprefix('Value error, ')}")
+    if kind == "missing":
+        return ConfigError(f"{path}: required field '{field}' is missing", field=field)
+    ctx = err.get("ctx") or {}
+    if kind == "greater_than" and ctx.get("gt") == 0:
+        what = "must be a positive integer"
+    elif kind == "greater_than_equal" and ctx.get("ge") == 0:
+        what = "must be a non-negative integer"
+    elif kind == "greater_than_equal":
+        what = f"must be ≥ {ctx.get('ge')}"
+    elif kind == "too_short":
+        what = "must be a non-empty list"
+    elif _EXPECTED.get(kind):
+        what = f"must be {_EXPECTED[kind]}"
+    else:
+        what = f"is invalid: {err['msg']}"
+    shown = "" if isinstance(value, dict) else f", got {value!r}"
+    return ConfigError(f"{path}: field '{field}' {what}{shown}", field=field)
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
@@ -112,27 +222,7 @@ def read_spd_config(path: Path) -> SPDConfig:
 
 def parse_spd_config(raw: Mapping[str, Any], path: Path) -> SPDConfig:
     """Migrate old field names, then validate the fields qkcheck needs."""
-    data = _migrate(dict(raw), path)
-    f = _Fields(data, path)
-    model_class = f.string("pretrained_model_class")
-    if model_class.startswith("simple_stories_train.models."):
-        model_class = model_class.replace("simple_stories_train.models.", "spd.pretrain.models.", 1)
-    modules = f.module_info("module_info", identity=False)
-    if data.get("identity_module_info") is not None:
-        modules += f.module_info("identity_module_info", identity=True)
-    task = data.get("task_config")
-    return SPDConfig(
-        path=path,
-        pretrained_model_class=model_class,
-        pretrained_model_name=f.string("pretrained_model_name", None),
-        pretrained_model_path=f.string("pretrained_model_path", None),
-        module_info=modules,
-        ci_config=_parse_ci_config(f.mapping("ci_config"), path),
-        sigmoid_type=f.string("sigmoid_type", "leaky_hard"),
-        tokenizer_name=f.string("tokenizer_name", None),
-        task_config=_parse_task(task, path) if isinstance(task, Mapping) else None,
-        raw=raw,
-    )
+    return validated(SPDConfig, raw, path)
 
 
 def parse_model_config(
@@ -183,130 +273,3 @@ def expand_module_info(
                 )
             expanded[key] = info
     return expanded
-
-
-# --- helpers --------------------------------------------------------------------------------
-
-
-def _migrate(data: dict[str, Any], path: Path) -> dict[str, Any]:
-    """spd's deprecated-field migrations (``Config.handle_deprecated_config_keys``)."""
-    if "C" in data or "target_module_patterns" in data:
-        f = _Fields(data, path)
-        c = f.positive_int("C")
-        patterns = f.str_list("target_module_patterns")
-        data.setdefault("module_info", [{"module_pattern": p, "C": c} for p in patterns])
-        identity = data.pop("identity_module_patterns", None)
-        if identity is not None:
-            data["identity_module_info"] = [{"module_pattern": p, "C": c} for p in identity]
-    if any(k in data for k in ("ci_fn_type", "ci_fn_hidden_dims", "use_global_ci")):
-        fn_type = data.pop("ci_fn_type", "vector_mlp")
-        hidden = data.pop("ci_fn_hidden_dims", [8])
-        is_global = bool(data.pop("use_global_ci", False)) or str(fn_type).startswith("global_")
-        if is_global and not str(fn_type).startswith("global_"):
-            fn_type = "global_shared_mlp"
-        mode = "global" if is_global else "layerwise"
-        data.setdefault("ci_config", {"mode": mode, "fn_type": fn_type, "hidden_dims": hidden})
-    if "pretrained_model_name_hf" in data:
-        data.setdefault("pretrained_model_name", data.pop("pretrained_model_name_hf"))
-    return data
-
-
-def _parse_ci_config(raw: Mapping[str, Any], path: Path) -> CIConfig:
-    # Types only: which fn_type and sigmoid qkcheck can evaluate is decided where CI is
-    # computed (qkcheck.ci), so a run whose CI qkcheck lacks still loads for weighted mode.
-    f = _Fields(raw, path, "ci_config.")
-    dims = f.int_list("hidden_dims", None)
-    extra = {k: v for k, v in raw.items() if k not in ("mode", "fn_type", "hidden_dims")}
-    return CIConfig(
-        f.string("mode", "layerwise"),
-        f.string("fn_type"),
-        tuple(dims) if dims is not None else None,
-        extra,
-    )
-
-
-def _parse_task(raw: Mapping[str, Any], path: Path) -> TaskConfig:
-    f = _Fields(raw, path, "task_config.")
-    d = TaskConfig()
-    return TaskConfig(
-        task_name=f.string("task_name", d.task_name),
-        dataset_name=f.string("dataset_name", d.dataset_name),
-        column_name=f.string("column_name", d.column_name),
-        max_seq_len=f.positive_int("max_seq_len", d.max_seq_len),
-        is_tokenized=f.boolean("is_tokenized", d.is_tokenized),
-        train_data_split=f.string("train_data_split", d.train_data_split),
-        eval_data_split=f.string("eval_data_split", d.eval_data_split),
-        streaming=f.boolean("streaming", d.streaming),
-    )
-
-
-class _Fields:
-    """Typed access to a config mapping; errors name the file, the field and the value."""
-
-    def __init__(self, data: Mapping[str, Any], path: Path, prefix: str = "") -> None:
-        self.data, self.path, self.prefix = data, path, prefix
-
-    def _get(self, key: str, default: Any) -> Any:
-        value = self.data.get(key, default)
-        if value is _MISSING:
-            raise ConfigError(f"{self.path}: required field '{self.prefix}{key}' is missing")
-        return value
-
-    def _bad(self, key: str, expected: str, value: Any) -> ConfigError:
-        return ConfigError(
-            f"{self.path}: field '{self.prefix}{key}' must be {expected}, got {value!r}"
-        )
-
-    def string(self, key: str, default: Any = _MISSING) -> Any:
-        value = self._get(key, default)
-        required = default is _MISSING
-        if (value is not None or required) and not isinstance(value, str):
-            raise self._bad(key, "a string", value)
-        return value
-
-    def boolean(self, key: str, default: Any = _MISSING) -> Any:
-        value = self._get(key, default)
-        if not isinstance(value, bool):
-            raise self._bad(key, "true or false", value)
-        return value
-
-    def positive_int(self, key: str, default: Any = _MISSING) -> Any:
-        value = self._get(key, default)
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise self._bad(key, "a positive integer", value)
-        return value
-
-    def mapping(self, key: str) -> Mapping[str, Any]:
-        value = self._get(key, _MISSING)
-        if not isinstance(value, Mapping):
-            raise self._bad(key, "a mapping", value)
-        return value
-
-    def str_list(self, key: str) -> list[str]:
-        value = self._get(key, _MISSING)
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise self._bad(key, "a list of strings", value)
-        return value
-
-    def int_list(self, key: str, default: Any = _MISSING) -> Any:
-        value = self._get(key, default)
-        if value is None:
-            return None
-        ok = isinstance(value, list) and all(
-            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value
-        )
-        if not ok:
-            raise self._bad(key, "a list of non-negative integers", value)
-        return value
-
-    def module_info(self, key: str, identity: bool) -> tuple[ModulePattern, ...]:
-        value = self._get(key, _MISSING)
-        if not isinstance(value, list) or not value:
-            raise self._bad(key, "a non-empty list of {module_pattern, C} entries", value)
-        entries = []
-        for i, entry in enumerate(value):
-            if not isinstance(entry, Mapping):
-                raise self._bad(f"{key}[{i}]", "a mapping {module_pattern, C}", entry)
-            f = _Fields(entry, self.path, f"{self.prefix}{key}[{i}].")
-            entries.append(ModulePattern(f.string("module_pattern"), f.positive_int("C"), identity))
-        return tuple(entries)

@@ -15,12 +15,12 @@ param-decomp versions still load as long as these fields keep their meaning:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from qkcheck.errors import ConfigError
+from qkcheck.runs.config import read_yaml, validated
 
 
 class _Model(BaseModel):
@@ -111,19 +111,4 @@ class LaunchConfig(_Model):
 def read_launch_config(path: Path) -> LaunchConfig:
     """Read and check ``launch_config.yaml``; any problem is one ConfigError naming the
     file and the field."""
-    try:
-        raw: Any = yaml.safe_load(path.read_text())
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read: {e}") from e
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from e
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of fields, got {type(raw).__name__}")
-    try:
-        return LaunchConfig.model_validate({**raw, "path": path})
-    except ValidationError as e:
-        err = e.errors()[0]
-        field = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-"))
-        value = err.get("input")
-        shown = "" if isinstance(value, dict) else f" (got {value!r})"
-        raise ConfigError(f"{path}: field '{field}': {err['msg']}{shown}") from None
+    return validated(LaunchConfig, read_yaml(path), path)
