@@ -162,9 +162,10 @@ def _verdict(s: Mapping[str, Any]) -> str:
         )
     facts.append(f"pytest exit status: {_e(s.get('exit_status'))}")
     lines.append("<p>" + " · ".join(_e(f) for f in facts) + "</p>")
-    for f in gate.get("failures", []):
+    for n, f in enumerate(gate.get("failures", [])):
         lines.append(
-            f'<details class="gatefail" open><summary>gate failed: {_e(f.get("test"))}</summary>'
+            f'<details class="gatefail"{" open" if n < 3 else ""}>'
+            f"<summary>gate failed: {_e(f.get('test'))}</summary>"
             f"<pre>{_e(f.get('message', ''))}</pre></details>"
         )
     for note in gate.get("notes", []):
@@ -271,8 +272,10 @@ def _layer_table(s: Mapping[str, Any], files: _Files) -> str:
         ratio = r.get("worst_ratio")
         mine = [f for f in failures if _gate_layer(str(f.get("test", ""))) == _int(layer)]
         if mine:
-            gate = '<span class="bad">FAIL</span> ' + "; ".join(
-                _e(_short_test(f.get("test", ""))) for f in mine
+            gate = '<span class="bad">FAIL</span><br>' + "<br>".join(
+                f'<span title="{_e(f.get("message", ""))}">'
+                f"{_e(_short_test(f.get('test', '')))}</span>"
+                for f in mine
             )
         elif r.get("median_abs_r") is None and r.get("delta_q") is None:
             gate = '<span class="muted">not run</span>'
@@ -305,8 +308,20 @@ def _layer_table(s: Mapping[str, Any], files: _Files) -> str:
     )
 
 
+#: short names of the quality-gate tests in the layer table
+GATE_TESTS = {
+    "test_weight_delta_is_within_budget": "‖Δ‖/‖W‖",
+    "test_residuals_are_within_budget_and_no_worse_than_the_baseline": "residual",
+}
+
+
 def _short_test(test: str) -> str:
-    return test.rsplit("::", 1)[-1]
+    """``…::test_weight_delta_is_within_budget[h.0.attn.q_proj]`` → ``‖Δ‖/‖W‖ h.0.attn.q_proj``."""
+    name = test.rsplit("::", 1)[-1]
+    func, _, param = name.partition("[")
+    short = GATE_TESTS.get(func, func)
+    param = param.rstrip("]")
+    return f"{short} {param}" if param and not re.fullmatch(r"L\d+", param) else short
 
 
 def _cls(v: Any, bad) -> str:
@@ -861,6 +876,7 @@ table {{ border-collapse: collapse; margin: .5em 0; }}
 table.grid th, table.grid td {{ border: 1px solid #ddd; padding: .25em .5em;
                                font-variant-numeric: tabular-nums; vertical-align: top; }}
 table.grid th {{ background: #f3f3f3; }}
+#layer-table td {{ white-space: nowrap; }}
 table.kv th {{ text-align: left; padding-right: 1em; font-weight: 600; }}
 table.kv td, table.kv th {{ padding: .1em .4em; vertical-align: top; }}
 caption {{ text-align: left; font-weight: 700; }}

@@ -278,7 +278,7 @@ def write_json(data: Any, path: Path) -> Path:
 
 
 def dumps(data: Any) -> str:
-    """``json.dumps(data, indent=2, sort_keys=True)``, with each list of more than 4 plain
+    """``json.dumps(data, indent=2, sort_keys=True)``, with each non-empty list of plain
     numbers (or nulls) on one line."""
     rows: list[str] = []
     tag = secrets.token_hex(8)  # no string of ``data`` can be taken for a placeholder
@@ -287,7 +287,7 @@ def dumps(data: Any) -> str:
         if isinstance(x, dict):
             return {k: mark(v) for k, v in x.items()}
         if isinstance(x, (list, tuple)):
-            if len(x) > 4 and all(
+            if x and all(
                 v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in x
             ):
                 rows.append(json.dumps(list(x)))
