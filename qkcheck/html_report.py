@@ -773,7 +773,8 @@ def _dataset_layer(path: str, data: Any, png: str | None, files: _Files) -> str:
     heads = data.get("heads") or []
     if heads:
         out.append(
-            '<table class="grid"><tr><th>head</th><th>top-K share</th><th>top pairs (share)</th>'
+            f'<table class="grid"><tr><th>head</th><th>top-{_e(data.get("top_k", "K"))} share</th>'
+            "<th>top pairs (share)</th>"
             "<th>top query components</th><th>top key components</th></tr>"
         )
         for h in heads:

@@ -34,7 +34,7 @@ from qkcheck.report import (
     round_ratio,
     unfinished_summary,
 )
-from tests.pytester_suite import make_suite, run
+from tests.pytester_suite import VALIDATION, make_suite, run
 
 pytest_plugins = ["pytester"]
 
@@ -370,6 +370,22 @@ def test_a_page_that_cannot_be_written_is_one_line_and_the_verdict_stands(suite)
     assert "index.html" in line
     assert any(ln.endswith("summary.json — passed") for ln in result.stdout.lines)
     assert json.loads((suite.path / "art" / "summary.json").read_text())["passed"] is True
+
+
+def test_a_killed_session_never_leaves_the_previous_page(suite):
+    """The page is written at the start too, from the summary saying "did not finish"."""
+    art = suite.path / "art"
+    art.mkdir()
+    (art / "index.html").write_text("<p>PASSED (an earlier session)</p>")
+    suite.makeconftest(
+        (VALIDATION / "conftest.py").read_text() + "\n\nimport os, signal\n\n"
+        "def pytest_runtest_teardown(item):\n"
+        "    if item.nodeid.endswith('[L0-S0-Q4]'):\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    assert run(suite, *SMALL).ret == -9
+    text = "".join(Page((art / "index.html").read_text()).text)
+    assert "INCOMPLETE" in text and "did not finish" in text and "PASSED" not in text
 
 
 # --- a real browser on a real session's page ------------------------------------------------
