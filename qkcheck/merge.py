@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from qkcheck.errors import QKCheckError
-from qkcheck.report import LAYER_STATS, totals
+from qkcheck.report import LAYER_STATS, merge_item_ratios, totals
 from qkcheck.sketch import QuantileSketch, residual_statistics
 
 #: settings that may differ between shards of one validation
@@ -172,6 +172,7 @@ def _merge_layer(
         )
     out = dict(a)
     out["samples"] = sorted({*covered_a, *covered_b})
+    out["item_ratios"] = merge_item_ratios(a.get("item_ratios"), b.get("item_ratios"))
     for key in ("items", "passed", "failed"):
         out[key] = a[key] + b[key]
     if b["worst_ratio"] is not None and (

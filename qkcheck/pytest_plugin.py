@@ -170,6 +170,8 @@ class _State:
         self.finishing = False
         self.summary: dict[str, Any] | None = None
         self.summary_path: Path | None = None
+        self.report_path: Path | None = None
+        self.report_error: str | None = None
         self._previous_sigterm: Any = None
         self.measured = None  # qkcheck.gate.Measured, built by the first qk_baseline
 
@@ -246,10 +248,11 @@ class _State:
 
         started = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
         self.summary_path = self.artifacts / "summary.json"
-        write_json(
-            unfinished_summary(self.validator.run.name, self.settings, started, os.getpid()),
-            self.summary_path,
+        unfinished = unfinished_summary(
+            self.validator.run.name, self.settings, started, os.getpid()
         )
+        write_json(unfinished, self.summary_path)
+        self.write_report(unfinished)  # never the previous run's page beside this summary
 
     def pytest_keyboard_interrupt(self, excinfo: pytest.ExceptionInfo) -> None:
         v = excinfo.value
@@ -307,6 +310,13 @@ class _State:
         if self.settings.dataset_top_k and reason is None:
             self.summary["dataset_view"] = self._dataset_view()
         self.summary_path = write_json(self.summary, self.artifacts / "summary.json")
+        self.write_report(self.summary)
+
+    def write_report(self, summary: dict[str, Any]) -> None:
+        """index.html from ``summary``; a failure is a line of the terminal summary."""
+        from qkcheck.html_report import try_write_html_report
+
+        self.report_path, self.report_error = try_write_html_report(summary, self.artifacts)
 
     def _dataset_view(self) -> dict[str, Any]:
         """pairs_L<l>.json and heat maps for a complete session (docs/design.md §9)."""
@@ -679,6 +689,10 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
     for line in state.figure_errors:
         tr.write_line(f"figure failed: {line}", red=True)
     tr.write_line(f"figures: {len(summary['figures']['paths'])} in {state.artifacts}")
+    if state.report_error:
+        tr.write_line(f"report not written: {state.report_error}", red=True)
+    else:
+        tr.write_line(f"report: {state.report_path}")
     verdict = "passed" if summary["passed"] else "failed"
     if not summary["complete"]:
         verdict = f"INCOMPLETE ({summary['reason']})"
