@@ -68,6 +68,7 @@ KNOWN = {
     "layers",
     "figures",
     "dataset_view",
+    "skipped_layers",
 }
 #: figure kinds in the order an item shows them (others after, by name)
 KIND_ORDER = ("validation", "components", "combined")
@@ -302,9 +303,13 @@ def _layer_table(s: Mapping[str, Any], files: _Files) -> str:
     if r_budget is not None:
         notes.append(f"median |r| budget {r_budget:g} × logit std (--residual-budget)")
     notes.append("red: beyond the bound or a budget")
+    skipped = "".join(
+        f"<li>layer {_e(k)}: {_e(why)}</li>" for k, why in (s.get("skipped_layers") or {}).items()
+    )
+    skipped = f'<p>Not validated:</p><ul id="skipped-layers">{skipped}</ul>' if skipped else ""
     return (
         '<h2 id="layers">Layers</h2><table class="grid" id="layer-table">'
-        f'{head}{"".join(rows)}</table><p class="note">{_e("; ".join(notes))}</p>'
+        f'{head}{"".join(rows)}</table><p class="note">{_e("; ".join(notes))}</p>{skipped}'
     )
 
 

@@ -177,6 +177,13 @@ def test_the_layer_table_has_one_row_per_layer_with_the_summary_numbers(tmp_path
     assert rows[1][gate].startswith("FAIL") and "h.1.attn.q_proj" in rows[1][gate]
 
 
+def test_layers_not_validated_are_listed_with_their_reason(tmp_path):
+    summary = _summary(tmp_path) | {"skipped_layers": {"2": "only h.2.attn.q_proj <q>"}}
+    text = render(summary, tmp_path)
+    assert '<ul id="skipped-layers"><li>layer 2: only h.2.attn.q_proj &lt;q&gt;</li></ul>' in text
+    assert "skipped-layers" not in render(_summary(tmp_path), tmp_path)
+
+
 def test_text_from_the_run_is_escaped(tmp_path):
     run = 's-<marquee>"x"&'
     text = render(_summary(tmp_path, run=run), tmp_path)
