@@ -428,6 +428,14 @@ def test_hf_target_errors_name_the_field(copy, tmp_path, monkeypatch):
     path.write_text(yaml.safe_dump(cfg))
     with pytest.raises(RunNotFoundError, match=r"HF_HUB_CACHE"):
         load_run(RUN_ID)
+    cfg["target"]["spec"]["model_class"] = "transformers.MistralForCausalLM"
+    path.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(
+        UnsupportedError,
+        match=r"field 'target.spec.model_class': transformers class 'transformers.Mistral.*"
+        r"supported: transformers.LlamaForCausalLM",
+    ):
+        load_run(RUN_ID)
 
 
 def test_binary_mode_is_refused(out_dir):

@@ -125,7 +125,13 @@ def build_hf_target(config: LaunchConfig) -> tuple[TargetModel, dict[str, Any]]:
     snapshot of ``target.spec.model_name`` (a local folder or the HF hub cache, see
     :func:`~qkcheck.models.hf_hub.find_snapshot`), its safetensors rounded to
     ``weights_dtype``. Returns the model and its ``config.json``."""
-    from qkcheck.models.hf import HFTarget, is_hf_class, read_hf_config, read_snapshot_weights
+    from qkcheck.models.hf import (
+        HFTarget,
+        hf_arch,
+        is_hf_class,
+        read_hf_config,
+        read_snapshot_weights,
+    )
     from qkcheck.models.hf_hub import find_snapshot
 
     spec = config.target.spec
@@ -134,6 +140,7 @@ def build_hf_target(config: LaunchConfig) -> tuple[TargetModel, dict[str, Any]]:
             f"{config.path}: field 'target.spec.model_class': {spec.model_class!r} is not a "
             "transformers class (expected e.g. transformers.LlamaForCausalLM)"
         )
+    hf_arch(spec.model_class, f"{config.path}: field 'target.spec.model_class'")  # before lookup
     if config.decomposition.sites.kind != "glu_transformer":
         raise ConfigError(
             f"{config.path}: field 'decomposition.sites.kind': HF targets are decomposed as "
