@@ -27,119 +27,21 @@ _STATE = pytest.StashKey["_State"]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
+    """Every option of :data:`qkcheck.options.OPTIONS`, under the group 'qkcheck'."""
+    from qkcheck.options import OPTIONS
+
     g = parser.getgroup(GROUP, "qkcheck: validate an SPD run's attention decomposition")
-
-    def add(name: str, dest: str, default: Any, help: str, **kw: Any) -> None:
-        metavar = name.removeprefix("--").removeprefix("qk-").upper().replace("-", "_")
-        g.addoption(
-            name,
-            dest=dest,
-            default=default,
-            metavar=metavar,
-            help=f"{help} (default: {default})",
-            **kw,
-        )
-
-    add(
-        "--run-id",
-        "qk_run_id",
-        None,
-        "run to validate: 'demo', a run directory or checkpoint, or a W&B reference "
-        "(wandb:entity/project/runs/ID, a URL, or a bare id such as s-55ea3f9b)",
-    )
-    add(
-        "--samples",
-        "qk_samples",
-        "all",
-        "samples to use: a count N (first N) or indices 0,3,7 / 0-7",
-    )
-    add(
-        "--samples-file",
-        "qk_samples_file",
-        None,
-        "token ids (.pt/.npy, shape (n, T)), text lines (.txt), or 'dataset' (the run's own)",
-    )
-    add("--layers", "qk_layers", "all", "attention layers: all, or indices such as 0,2")
-    add("--query-pos", "qk_query_pos", "all", "query positions: all, last, or a list such as 5,17")
-    add(
-        "--mode",
-        "qk_mode",
-        "weighted",
-        "figures: weighted (activation-weighted logits) or binary (CI-gated weight-only terms)",
-    )
-    add(
-        "--ci-threshold",
-        "qk_ci_threshold",
-        0.1,
-        "binary mode: a pair counts where both CIs exceed it",
-    )
-    add("--top-n", "qk_top_n", 8, "pairs coloured in the figures, per head and for the head mean")
-    add("--plots", "qk_plots", "failed", "figures for: none, failed items, or all selected items")
-    add("--max-plots", "qk_max_plots", 20, "at most this many items get figures")
-    add(
-        "--dataset-top-k",
-        "qk_dataset_top_k",
-        0,
-        "write pairs_L<l>.json/.png: each head's top-K component pairs by |contribution| mass "
-        "over the selected data (weighted mode; 0: off)",
-    )
-    add(
-        "--artifacts-dir",
-        "qk_artifacts_dir",
-        None,
-        "where figures and summary.json go; default qk-artifacts/<run>/",
-    )
-    add("--device", "qk_device", "cpu", "torch device for the decomposition: cpu or cuda[:N]")
-    add("--dtype", "qk_dtype", "float32", "precision of the decomposition: float32 or float64")
-    add(
-        "--bound",
-        "qk_bound",
-        "weight",
-        "bound asserted per item: data (B_data), weight (B_weight), or budget (B_weight with "
-        "‖Δ‖ replaced by --delta-budget·‖W‖); both B_data and B_weight are reported",
-    )
-    add("--norm", "qk_norm", "spectral", "operator norm in B_weight: spectral or frobenius")
-    add(
-        "--delta-budget",
-        "qk_delta_budget",
-        0.25,
-        "quality gate: largest allowed ‖Δ‖_F/‖W‖_F per q/k module (also --bound budget's fraction)",
-    )
-    add(
-        "--residual-budget",
-        "qk_residual_budget",
-        0.2,
-        "quality gate: largest allowed median |r| as a fraction of the target logits' std",
-    )
-    add(
-        "--gate-tolerance",
-        "qk_gate_tolerance",
-        0.25,
-        "quality gate: a metric fails when worse than its baseline by more than this fraction",
-    )
-    add(
-        "--baseline",
-        "qk_baseline",
-        None,
-        "compare residual statistics against this stored baseline (validation/baselines/NAME/)",
-    )
-    add("--qk-batch-size", "qk_batch_size", 4, "samples per target forward pass")
-    add(
-        "--doc-ids",
-        "qk_doc_ids",
-        None,
-        "document ids per token (.npy/.pt, shaped like the samples; -1 = padding): positions "
-        "restart per document and only same-document keys count",
-    )
-    add("--doc-sep", "qk_doc_sep", None, "token id that starts each new document (see --doc-ids)")
-    g.addoption(
-        "--record-partial",
-        dest="qk_record_partial",
-        action="store_true",
-        default=False,
-        help="with --force-regen/--regen-all: allow recording this run's baseline from a "
-        "selection of samples or layers",
-    )
+    for o in OPTIONS:
+        if o.kind == "flag":
+            g.addoption(o.flag, dest=o.dest, action="store_true", default=o.default, help=o.help)
+        else:
+            g.addoption(
+                o.flag,
+                dest=o.dest,
+                default=o.default,
+                metavar=o.metavar,
+                help=f"{o.help} (default: {o.default})",
+            )
 
 
 class _State:

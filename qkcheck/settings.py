@@ -10,11 +10,12 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
 from qkcheck.errors import QKCheckError
+from qkcheck.options import BY_FIELD, OPTIONS, Option
 
 
 class OptionError(QKCheckError):
@@ -26,6 +27,7 @@ Bound = Literal["data", "weight", "budget"]
 Plots = Literal["none", "failed", "all"]
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+assert tuple(DTYPES) == BY_FIELD["dtype"].choices
 
 
 @dataclass(frozen=True)
@@ -56,41 +58,6 @@ class Selection:
                 raise OptionError(f"{option}: asked for {self.count} {what}, the run has {n}")
             return list(range(self.count))
         return list(range(n))
-
-
-@dataclass(frozen=True)
-class Settings:
-    run_id: str
-    samples: Selection = Selection()
-    samples_file: Path | None = None
-    layers: Selection = Selection()
-    query_pos: Selection = Selection()
-    mode: Mode = "weighted"
-    ci_threshold: float = 0.1
-    top_n: int = 8
-    plots: Plots = "failed"
-    max_plots: int = 20
-    #: pairs per head in pairs_L<l>.json (the dataset-level view); 0: not written
-    dataset_top_k: int = 0
-    artifacts_dir: Path | None = None
-    device: str = "cpu"
-    dtype: str = "float32"
-    bound: Bound = "weight"
-    norm: Literal["spectral", "frobenius"] = "spectral"
-    delta_budget: float = 0.25
-    residual_budget: float = 0.2
-    gate_tolerance: float = 0.25
-    baseline: str | None = None
-    batch_size: int = 4
-    doc_ids: Path | None = None
-    doc_sep: int | None = None
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
-
-    def artifacts_for(self, run_name: str) -> Path:
-        return self.artifacts_dir or Path("qk-artifacts") / run_name
 
 
 #: the most indices one selection may name (a range beyond any run's size is a typo; the
@@ -207,47 +174,81 @@ def number(option: str, value: str | float, kind: type, lo: float, hi: float | N
     return x
 
 
+def parse_value(option: Option, value: Any) -> Any:
+    """One option's raw value (as typed, or its default) → the Settings field's value."""
+    kind, flag = option.kind, option.flag
+    if kind == "samples":
+        return parse_samples(value)
+    if kind == "layers":
+        return parse_layers(value)
+    if kind == "query_pos":
+        return parse_query_pos(value)
+    if kind == "choice":
+        return choice(flag, value, option.choices)
+    if kind in ("int", "float"):
+        if value is None:
+            return None
+        lo = option.lo if option.lo is not None else -math.inf
+        return number(flag, value, int if kind == "int" else float, lo, option.hi)
+    if kind == "path":
+        return Path(value) if value else None
+    if kind == "device":
+        if value != "cpu" and not value.startswith("cuda"):
+            raise OptionError(f"{flag}: {value!r} is not cpu or cuda[:N]")
+        return value
+    return value
+
+
 def parse_settings(opt) -> Settings:
-    """Build :class:`Settings` from ``opt(name) -> raw value`` (pytest's getoption)."""
-    device = opt("qk_device")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise OptionError(f"--device: {device!r} is not cpu or cuda[:N]")
+    """Build :class:`Settings` from ``opt(dest) -> raw value`` (pytest's getoption), every
+    option of :data:`qkcheck.options.OPTIONS` but the gate's own."""
+    values = {o.field: parse_value(o, opt(o.dest)) for o in OPTIONS if not o.gate_only}
+    device = values["device"]
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise OptionError(f"--device: {device!r} asked for, but torch sees no CUDA device")
-    samples_file = opt("qk_samples_file")
-    artifacts = opt("qk_artifacts_dir")
-    return Settings(
-        run_id=opt("qk_run_id"),
-        samples=parse_samples(opt("qk_samples")),
-        samples_file=Path(samples_file) if samples_file else None,
-        layers=parse_layers(opt("qk_layers")),
-        query_pos=parse_query_pos(opt("qk_query_pos")),
-        mode=choice("--mode", opt("qk_mode"), ("weighted", "binary")),  # type: ignore[arg-type]
-        ci_threshold=number("--ci-threshold", opt("qk_ci_threshold"), float, 0.0, 1.0),
-        top_n=number("--top-n", opt("qk_top_n"), int, 1),
-        plots=choice("--plots", opt("qk_plots"), ("none", "failed", "all")),  # type: ignore[arg-type]
-        max_plots=number("--max-plots", opt("qk_max_plots"), int, 0),
-        dataset_top_k=number("--dataset-top-k", opt("qk_dataset_top_k"), int, 0),
-        artifacts_dir=Path(artifacts) if artifacts else None,
-        device=device,
-        dtype=choice("--dtype", opt("qk_dtype"), tuple(DTYPES)),
-        bound=choice("--bound", opt("qk_bound"), ("data", "weight", "budget")),  # type: ignore[arg-type]
-        norm=choice("--norm", opt("qk_norm"), ("spectral", "frobenius")),  # type: ignore[arg-type]
-        delta_budget=number("--delta-budget", opt("qk_delta_budget"), float, 0.0),
-        residual_budget=number("--residual-budget", opt("qk_residual_budget"), float, 0.0),
-        gate_tolerance=number("--gate-tolerance", opt("qk_gate_tolerance"), float, 0.0),
-        baseline=opt("qk_baseline"),
-        batch_size=number("--qk-batch-size", opt("qk_batch_size"), int, 1),
-        **_documents(opt),
-    )
-
-
-def _documents(opt) -> dict:
-    """``--doc-ids FILE`` / ``--doc-sep TOKEN_ID`` (at most one)."""
-    ids, sep = opt("qk_doc_ids"), opt("qk_doc_sep")
-    if ids and sep is not None:
+    if values["doc_ids"] is not None and values["doc_sep"] is not None:
         raise OptionError("--doc-ids and --doc-sep: give one way to mark documents, not both")
-    return {
-        "doc_ids": Path(ids) if ids else None,
-        "doc_sep": None if sep is None else number("--doc-sep", sep, int, 0),
-    }
+    return Settings(**values)
+
+
+def _default(name: str) -> Any:
+    """A Settings field's default: its option's default, parsed."""
+    return parse_value(BY_FIELD[name], BY_FIELD[name].default)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What to validate and how; one field per option (:data:`qkcheck.options.OPTIONS`,
+    defaults from there)."""
+
+    run_id: str
+    samples: Selection = _default("samples")
+    samples_file: Path | None = _default("samples_file")
+    layers: Selection = _default("layers")
+    query_pos: Selection = _default("query_pos")
+    mode: Mode = _default("mode")
+    ci_threshold: float = _default("ci_threshold")
+    top_n: int = _default("top_n")
+    plots: Plots = _default("plots")
+    max_plots: int = _default("max_plots")
+    #: pairs per head in pairs_L<l>.json (the dataset-level view); 0: not written
+    dataset_top_k: int = _default("dataset_top_k")
+    artifacts_dir: Path | None = _default("artifacts_dir")
+    device: str = _default("device")
+    dtype: str = _default("dtype")
+    bound: Bound = _default("bound")
+    norm: Literal["spectral", "frobenius"] = _default("norm")
+    delta_budget: float = _default("delta_budget")
+    residual_budget: float = _default("residual_budget")
+    gate_tolerance: float = _default("gate_tolerance")
+    baseline: str | None = _default("baseline")
+    batch_size: int = _default("batch_size")
+    doc_ids: Path | None = _default("doc_ids")
+    doc_sep: int | None = _default("doc_sep")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def artifacts_for(self, run_name: str) -> Path:
+        return self.artifacts_dir or Path("qk-artifacts") / run_name

@@ -1,7 +1,7 @@
 """Option parsing: every bad value names the option and what it takes.
 
-The defaults come from the plugin's own option definitions (``pytest_addoption``), read
-through a recording parser, so a changed default in the plugin is what these tests parse.
+The defaults come from the one option table (:data:`qkcheck.options.OPTIONS`); a
+recording parser checks that the plugin registers exactly that table.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from qkcheck import pytest_plugin
+from qkcheck.options import DEFAULTS, OPTIONS
 from qkcheck.settings import (
     MAX_INDEX,
     OptionError,
@@ -43,7 +44,12 @@ def plugin_options() -> dict[str, dict[str, Any]]:
     return recorder.options
 
 
-DEFAULTS = {dest: o["default"] for dest, o in plugin_options().items()}
+def test_the_plugin_registers_every_option_of_the_table_with_its_default():
+    registered = plugin_options()
+    assert list(registered) == [o.dest for o in OPTIONS]
+    for o in OPTIONS:
+        assert (registered[o.dest]["name"], registered[o.dest]["default"]) == (o.flag, o.default)
+        assert o.help in registered[o.dest]["help"]
 
 
 def settings(**changes):
@@ -79,36 +85,12 @@ def test_the_gate_reads_its_own_options(dest):
     assert dest in read
 
 
-# Settings field -> the plugin option whose default it must equal (run_id has none)
-FIELD_OF = {
-    "qk_ci_threshold": "ci_threshold",
-    "qk_top_n": "top_n",
-    "qk_plots": "plots",
-    "qk_max_plots": "max_plots",
-    "qk_device": "device",
-    "qk_dtype": "dtype",
-    "qk_bound": "bound",
-    "qk_norm": "norm",
-    "qk_mode": "mode",
-    "qk_delta_budget": "delta_budget",
-    "qk_residual_budget": "residual_budget",
-    "qk_gate_tolerance": "gate_tolerance",
-    "qk_baseline": "baseline",
-    "qk_batch_size": "batch_size",
-    "qk_samples_file": "samples_file",
-    "qk_artifacts_dir": "artifacts_dir",
-    "qk_dataset_top_k": "dataset_top_k",
-}
-
-
-@pytest.mark.parametrize("dest", sorted(FIELD_OF))
-def test_the_plugin_defaults_parse_to_the_settings_defaults(dest):
-    """Parsing the plugin's defaults gives :class:`Settings`' own defaults, field by field:
-    a default changed on one side only fails here."""
+@pytest.mark.parametrize("option", [o for o in OPTIONS if not o.gate_only], ids=lambda o: o.flag)
+def test_parsing_the_table_defaults_gives_the_settings_defaults(option):
+    """What a user gets typing nothing equals what ``Settings(run_id=…)`` holds."""
     parsed, plain = settings(), Settings(run_id="demo")
-    field = FIELD_OF[dest]
-    assert getattr(parsed, field) == getattr(plain, field)
-    assert getattr(parsed, field) is not None or DEFAULTS[dest] is None
+    assert getattr(parsed, option.field) == getattr(plain, option.field)
+    assert getattr(parsed, option.field) is not None or option.default is None
 
 
 def test_the_selection_defaults_mean_everything():
