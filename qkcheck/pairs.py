@@ -56,9 +56,14 @@ class ItemFactors:
         return (self.q.shape[0], self.q.shape[1], self.k.shape[1], self.k.shape[2])
 
 
-def _rotated_writes(U: Tensor, n: int, layout: HeadLayout, positions: Tensor) -> Tensor:
-    """``R_t u_{c,h}`` for every head, component and position: ``(n, C, pos, d_head)``."""
+def _rotated_writes(
+    U: Tensor, n: int, layout: HeadLayout, positions: Tensor, gamma: Tensor | None = None
+) -> Tensor:
+    """``R_t (γ ⊙ u_{c,h})`` for every head, component and position: ``(n, C, pos, d_head)``
+    (``γ``: QK-norm's gain, or None)."""
     u = U.reshape(U.shape[0], n, layout.head_dim).transpose(0, 1)  # (n, C, d)
+    if gamma is not None:
+        u = u * gamma.to(u.dtype)
     u = u[:, :, None, :].expand(-1, -1, positions.shape[0], -1)
     return rotate(u, positions, layout.rotary)
 
@@ -79,15 +84,27 @@ def weighted_factors(
     layout: HeadLayout,
     query_pos: int,
     key_positions: Tensor | None = None,
+    gamma_q: Tensor | None = None,
+    gamma_k: Tensor | None = None,
+    sigma_q: Tensor | None = None,
+    sigma_k: Tensor | None = None,
 ) -> ItemFactors:
     """Factors for weighted mode. ``x_query``: ``(d_model,)`` at position ``query_pos``;
-    ``x_keys``: ``(key_pos, d_model)`` at ``key_positions`` (default ``0..query_pos``)."""
+    ``x_keys``: ``(key_pos, d_model)`` at ``key_positions`` (default ``0..query_pos``).
+
+    QK-norm (Qwen3): gains ``gamma_q``/``gamma_k`` ``(head_dim,)`` scale the writes before
+    rotation and the norm's factors ``sigma_q`` ``(head,)`` (at the query) and ``sigma_k``
+    ``(kv_head, key_pos)`` (from :func:`qkcheck.decompose.qk_norm_scales`) after it."""
     kp = _key_positions(query_pos, key_positions, x_keys.device)
     qp = torch.tensor([query_pos], device=x_query.device)
     a_q = x_query @ V_Q  # (C_q,)
     a_k = x_keys @ V_K  # (J, C_k)
-    q = _rotated_writes(U_Q, layout.n_head, layout, qp)[:, :, 0] * a_q[None, :, None]
-    k = _rotated_writes(U_K, layout.n_kv_heads, layout, kp) * a_k.T[None, :, :, None]
+    q = _rotated_writes(U_Q, layout.n_head, layout, qp, gamma_q)[:, :, 0] * a_q[None, :, None]
+    k = _rotated_writes(U_K, layout.n_kv_heads, layout, kp, gamma_k) * a_k.T[None, :, :, None]
+    if sigma_q is not None:
+        q = q * sigma_q.to(q.dtype)[:, None, None]
+    if sigma_k is not None:
+        k = k * sigma_k.to(k.dtype)[:, None, :, None]
     return ItemFactors(q=q, k=k, scale=layout.scale)
 
 
