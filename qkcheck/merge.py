@@ -92,6 +92,11 @@ def merge_summaries(
         "figures": {
             "paths": sorted({p for s in summaries for p in s["figures"]["paths"]}),
             "left_out": sum(s["figures"]["left_out"] for s in summaries),
+            # the drawn items of every shard, worst |r|/B first
+            "items": sorted(
+                (d for s in summaries for d in s["figures"].get("items", [])),
+                key=lambda d: (-d["ratio"], d["id"]),
+            ),
         },
     }
 

@@ -713,7 +713,7 @@ def draw_items(
     ]
     results: list[list[str] | BaseException] = [[] for _ in items]
     n = min(len(jobs), workers if workers is not None else (os.cpu_count() or 1))
-    if n <= 1 or len(jobs) <= 2:
+    if n <= 1 or len(items) <= 1:  # one item: workers would cost more than they save
         for i, job in jobs:
             if isinstance(results[i], BaseException):
                 continue

@@ -20,7 +20,9 @@ JSON schema (``summary.json`` in the artifacts directory)::
                             "samples": [int],          # the samples its items covered
                             "abs_r_sketch": {…} | null,   # qkcheck.sketch, for merging
                             "logit_moments": {"sum", "sumsq", "count"} | null}},
-     "figures": {"paths": [str], "left_out": int}}
+     "figures": {"paths": [str], "left_out": int,
+                 "items": [{"id": str, "layer", "sample", "query_pos": int,   # drawn items,
+                            "ratio": float, "passed": bool, "paths": [str]}]}}  # worst first
 
 Residual statistics and Δ fractions come from the run-level quality tests; they are null
 when those were deselected. Medians and percentiles come from a mergeable quantile sketch
@@ -65,6 +67,7 @@ def build_summary(
     reason: str | None = None,
     gate: Mapping[str, Any] | None = None,
     tests: Mapping[str, int] | None = None,
+    drawn: Iterable[Mapping[str, Any]] = (),
 ) -> dict[str, Any]:
     """Aggregate per-item records (``layer``, ``sample``, ``query_pos``, ``passed``,
     ``ratio``, ``closure_error``) and per-layer quality records into the summary, with the
@@ -122,7 +125,11 @@ def build_summary(
         "gate": dict(gate or {"passed": 0, "failed": 0, "skipped": 0, "failures": [], "notes": []}),
         "totals": totals(rows),
         "layers": {str(k): per_layer[k] for k in sorted(per_layer)},
-        "figures": {"paths": sorted(figures), "left_out": left_out},
+        "figures": {
+            "paths": sorted(figures),
+            "left_out": left_out,
+            "items": [dict(d) for d in drawn],
+        },
     }
 
 

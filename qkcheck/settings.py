@@ -23,7 +23,7 @@ class OptionError(QKCheckError):
 
 Mode = Literal["weighted", "binary"]
 Bound = Literal["data", "weight", "budget"]
-Plots = Literal["none", "failed", "all"]
+Plots = Literal["none", "failed", "worst", "all"]
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -225,7 +225,7 @@ def parse_settings(opt) -> Settings:
         mode=choice("--mode", opt("qk_mode"), ("weighted", "binary")),  # type: ignore[arg-type]
         ci_threshold=number("--ci-threshold", opt("qk_ci_threshold"), float, 0.0, 1.0),
         top_n=number("--top-n", opt("qk_top_n"), int, 1),
-        plots=choice("--plots", opt("qk_plots"), ("none", "failed", "all")),  # type: ignore[arg-type]
+        plots=choice("--plots", opt("qk_plots"), ("none", "failed", "worst", "all")),  # type: ignore[arg-type]
         max_plots=number("--max-plots", opt("qk_max_plots"), int, 0),
         dataset_top_k=number("--dataset-top-k", opt("qk_dataset_top_k"), int, 0),
         artifacts_dir=Path(artifacts) if artifacts else None,

@@ -282,3 +282,40 @@ def test_colours_are_unique_and_never_grey():
     for c in cols:
         _, light, sat = colorsys.rgb_to_hls(*c)
         assert sat > 0.3 and 0.2 < light < 0.8, c
+
+
+@pytest.fixture(scope="module")
+def hf_tiny(tmp_path_factory):
+    from tests.hf_runs import KINDS, write_run
+
+    root = tmp_path_factory.mktemp("hf")
+    return {kind: write_run(kind, root / "out", root / "hub") for kind in KINDS}, root / "hub"
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen3", "gpt2"])
+def test_hf_figures_add_up_to_the_decomposition_with_qk_norm_biases_and_fused_slices(
+    hf_tiny, kind, monkeypatch
+):
+    """Pair sum + bias terms equal the validator's component sum (decompose.py) on Qwen3
+    (QK-norm: σ and γ), GPT-2 (fused c_attn with biases) and Llama; binary-mode figures of a
+    QK-norm layer are refused, not drawn wrong."""
+    from qkcheck.errors import UnsupportedError
+    from qkcheck.runs import load_run
+
+    runs, hub = hf_tiny
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub))
+    run = load_run(runs[kind])
+    v = Validator(run, run.samples[:1], [0], Settings(run_id="x", top_n=4))
+    for layer in v.layers:
+        i = 17
+        data = item_plot_data(v, layer, 0, i)
+        g = v.group(layer, 0)
+        S = g.component_sum[:, i, : i + 1].double().numpy()
+        np.testing.assert_allclose(data.total + data.bias, S, atol=1e-4, rtol=1e-4)
+        assert np.abs(data.total).max() > 1e-2  # not vacuous
+        if kind == "gpt2":
+            assert np.abs(data.bias).max() > 1e-3  # its biases are drawn
+    if kind == "qwen3":
+        b = Validator(run, run.samples[:1], [0], Settings(run_id="x", mode="binary"))
+        with pytest.raises(UnsupportedError, match="QK-norm"):
+            item_plot_data(b, 0, 0, 17)
