@@ -391,7 +391,9 @@ def combined_figure(data: ItemPlotData) -> Figure:
             handles.append(Line2D([], [], ls="none", label=f"… {len(pairs) - shown} more"))
         expl = float(np.abs(top_sum).max()) / max(float(np.abs(total).max()), 1e-12)
         title = "mean over heads" if h is None else f"head {h}"
-        ax.set_title(f"{title}: top-{len(pairs)} peak |Σ| = {expl:.0%} of all pairs'", fontsize=8)
+        ax.set_title(
+            f"{title}: peak |top-{len(pairs)} sum| = {expl:.0%} of peak |all pairs|", fontsize=8
+        )
         ax.legend(
             handles=handles,
             fontsize=5.5,
@@ -405,7 +407,9 @@ def combined_figure(data: ItemPlotData) -> Figure:
         peaks = _peak_keys([styles.get("target", total), top_sum], PEAK_LABELS)
         _key_axis(ax, data, labels=n >= n_panels - ncols, peaks=peaks)
     _share_y(axes, [v for d in drawn for v in d])
-    kinds = ["sum", "top", "rest"] + (["target", "delta", "bias"] if weighted else [])
+    kinds = ["sum", "top", "rest"] + (["target", "delta"] if weighted else [])
+    if weighted and data.bias is not None and np.any(data.bias):
+        kinds.append("bias")
     fig.legend(
         handles=_style_handles(kinds, {"top": f"top-{len(data.mean_top)} sum"}),
         loc="outside lower center",
@@ -521,7 +525,9 @@ def components_figure(data: ItemPlotData) -> Figure:
         if ax not in used:
             ax.axis("off")
     _share_y(used, [v for d in drawn for v in d])
-    kinds = ["rest"] + (["bias", "delta", "target"] if weighted else ["sum"])
+    kinds = ["rest"] + (["delta", "target"] if weighted else ["sum"])
+    if weighted and data.bias is not None and np.any(data.bias):
+        kinds.insert(1, "bias")
     fig.legend(
         handles=_style_handles(kinds, {"rest": "rest (all other components)"}),
         loc="outside lower center",
@@ -622,8 +628,9 @@ def validation_figure(data: ItemPlotData) -> Figure:
     wr.annotate(
         f"worst |r|/B = {v.ratio:.3g}",
         (v.key, r[v.head, v.key]),
-        xytext=(4, 6),
+        xytext=(-6 if v.key > J / 2 else 6, 6),
         textcoords="offset points",
+        ha="right" if v.key > J / 2 else "left",
         fontsize=7,
         color=TARGET_COLOR,
     )

@@ -411,6 +411,18 @@ class _State:
 _OUTCOMES = ("passed", "failed", "errors", "skipped")
 
 
+def _brace(names: list[str]) -> str:
+    """``a_x.png, a_y.png`` → ``a_{x,y}.png`` (the figures of one item share a stem)."""
+    if len(names) < 2:
+        return ", ".join(names)
+    stem = os.path.commonprefix(names)  # noqa: RUF071  (file names, not paths)
+    stem = stem[: stem.rfind("_") + 1]
+    parts = [n[len(stem) :].removesuffix(".png") for n in names]
+    if not stem or not all(n.endswith(".png") for n in names):
+        return ", ".join(names)
+    return f"{stem}{{{','.join(parts)}}}.png"
+
+
 def _failure_message(report: pytest.TestReport) -> str:
     crash = getattr(report.longrepr, "reprcrash", None)
     text = getattr(crash, "message", None) or str(report.longrepr)
@@ -737,7 +749,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
     tr.write_line(f"figures: {len(summary['figures']['paths'])} in {state.artifacts}")
     for d in summary["figures"].get("items", []):
         verdict = "passed" if d["passed"] else "FAILED"
-        names = ", ".join(Path(p).name for p in d["paths"])
+        names = _brace([Path(p).name for p in d["paths"]])
         tr.write_line(f"  {d['id']}  |r|/B = {d['ratio']:.3g}  {verdict}  {names}")
     verdict = "passed" if summary["passed"] else "failed"
     if not summary["complete"]:

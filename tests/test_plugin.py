@@ -134,7 +134,10 @@ def test_the_worst_item_gets_the_figures_and_the_junit_xml_attaches_them(suite, 
     assert sorted(summary["figures"]["paths"]) == sorted(drawn[0]["paths"])
     assert summary["figures"]["left_out"] == (11 if plots == "failed" else 0)
     out = result.stdout.str()
-    assert re.search(rf"^  {worst}  \|r\|/B = {ratio:.3g}  \w+  {stem}_combined.png", out, re.M)
+    listed = (
+        rf"^  {worst}  \|r\|/B = {ratio:.3g}  \w+  {stem}_{{combined,components,validation}}.png$"
+    )
+    assert re.search(listed, out, re.M), out
     attached = {}
     for case in ET.parse(xml).getroot().iter("testcase"):
         text = "".join(e.text or "" for e in case.iter("system-out"))
