@@ -183,11 +183,11 @@ class TopPairs:
 def chunk_size(f: ItemFactors, budget_bytes: int) -> int:
     """Query components per chunk so that the chunk's working set fits the budget.
 
-    A chunk holds the contributions ``(head, chunk, C_k, J)`` and their head mean (the
-    absolute values are taken in place): about ``(H + 1) · chunk · C_k · J`` elements.
+    A chunk holds the contributions ``(head, chunk, C_k, J)`` and those of each key head's
+    summed query heads (for the head mean): ``(H + KV) · chunk · C_k · J`` elements.
     """
     H, Cq, Ck, J = f.shape
-    per_component = (H + 1) * Ck * J * f.q.element_size()
+    per_component = (H + f.k.shape[0]) * Ck * J * f.q.element_size()
     return max(1, min(Cq, budget_bytes // max(per_component, 1)))
 
 
@@ -196,20 +196,34 @@ def top_pairs(f: ItemFactors, n: int, budget_bytes: int = DEFAULT_BUDGET) -> Top
 
     Equals ranking the dense tensor (:func:`dense_contributions`) by
     ``amax(|P|, key_pos)``; walks the query components in chunks and keeps only each
-    pair's peak, ``(head, C_q, C_k)``.
+    pair's peak, ``(head, C_q, C_k)``. The head mean ``(1/H) Σ_h P[h]`` is contracted
+    directly from each key head's summed query heads, ``(1/H) Σ_g <Σ_{h∈g} q[h,c], k[g]>``,
+    in the same product as the heads (no reduction over the head axis), and peaks are
+    ``max |·|`` in one pass (``vector_norm`` of order ∞).
     """
-    H, Cq, Ck, _ = f.shape
+    H, Cq, Ck, J = f.shape
+    KV, G, dh = f.k.shape[0], f.group, f.q.shape[-1]
     step = chunk_size(f, budget_bytes)
     opts = {"dtype": f.q.dtype, "device": f.q.device}
     head_peak = torch.empty(H, Cq, Ck, **opts)
     mean_peak = torch.empty(Cq, Ck, **opts)
+    keys = f.k.reshape(KV, Ck * J, dh)
+    inf = float("inf")
     for c0 in range(0, Cq, step):
-        raw = _contract(f, f.q[:, c0 : c0 + step])  # (KV, Ck, J, G, cc)
-        cc = raw.shape[-1]
-        mean_peak[c0 : c0 + cc] = raw.mean(dim=(0, 3)).abs_().amax(dim=1).T
-        peaks = raw.abs_().amax(dim=2)  # (KV, Ck, G, cc)
+        q = f.q[:, c0 : c0 + step]
+        cc = q.shape[1]
+        qg = q.reshape(KV, G, cc, dh)
+        cols = torch.cat([qg, qg.sum(dim=1, keepdim=True) / H], dim=1)  # (KV, G+1, cc, d)
+        raw = keys @ cols.reshape(KV, (G + 1) * cc, dh).transpose(1, 2)
+        raw = raw.reshape(KV, Ck, J, G + 1, cc)
+        peaks = torch.linalg.vector_norm(raw[..., :G, :], ord=inf, dim=2)  # (KV, Ck, G, cc)
         head_peak[:, c0 : c0 + cc] = peaks.permute(0, 2, 3, 1).reshape(H, cc, Ck)
-        del raw, peaks
+        mean = raw[..., G, :].sum(dim=0)  # (Ck, J, cc)
+        mean_peak[c0 : c0 + cc] = torch.linalg.vector_norm(mean, ord=inf, dim=1).T
+        del raw, peaks, mean
+    scale = abs(f.scale)
+    head_peak.mul_(scale)
+    mean_peak.mul_(scale)
     n = min(n, Cq * Ck)
     hp, hi = head_peak.reshape(H, -1).topk(n, dim=-1)
     mp, mi = mean_peak.reshape(-1).topk(n)
