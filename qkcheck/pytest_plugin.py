@@ -201,6 +201,7 @@ class _State:
     def release_artifacts(self) -> None:
         lock = getattr(self, "_lock", None)
         if lock is not None:
+            # figure slots of qkcheck before figures were drawn at session end
             shutil.rmtree(self.artifacts / ".plot-slots", ignore_errors=True)
             lock.release()
 
