@@ -170,7 +170,7 @@ def test_non_latin_and_special_tokens_render_visibly_without_warnings(tmp_path):
     data = synthetic(2)
     data.tokens = ["漢", "$5", " or", "$6\n", *data.tokens[4:]]
     for fig in (combined_figure(data), validation_figure(data), components_figure(data)):
-        labels = [t.get_text() for ax in fig.axes for t in ax.get_xticklabels() if t.get_text()]
+        labels = [t.get_text() for ax in fig.axes for t in ax.texts if t.get_gid() == "key"]
         assert "U+6F22 ·0" in labels
         assert "\\$5 ·1" in labels and "␣or ·2" in labels and "\\$6↵ ·3" in labels
         title = fig._suptitle.get_text()
