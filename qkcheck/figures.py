@@ -32,7 +32,7 @@ from qkcheck.pairs import (
     top_pairs,
     weighted_factors,
 )
-from qkcheck.plots import ItemPlotData, Verdict, draw_item, draw_items
+from qkcheck.plots import ItemPlotData, Verdict, draw_item
 from qkcheck.rotary import rotate
 
 BOUND_LABELS = {
@@ -221,21 +221,41 @@ def write_item_figures(
 def write_figures(
     validator, items: Sequence[tuple[int, int, int]], out_dir: Path, workers: int | None = None
 ) -> list[list[Path] | BaseException]:
-    """Figures of several items: data assembled here, drawn in parallel worker processes
-    (:func:`qkcheck.plots.draw_items`). Per item its paths, or the exception raised."""
-    data: list[ItemPlotData | BaseException] = []
-    for it in items:
-        try:
-            data.append(item_plot_data(validator, *it))
-        except Exception as e:  # reported per item, never lost
-            data.append(e)
-    ok = [d for d in data if isinstance(d, ItemPlotData)]
-    drawn = iter(draw_items(ok, out_dir, workers))
-    out: list[list[Path] | BaseException] = []
-    for d in data:
-        if isinstance(d, BaseException):
-            out.append(d)
-        else:
-            r = next(drawn)
-            out.append(r if isinstance(r, BaseException) else [Path(p) for p in r])
-    return out
+    """Figures of several items, pipelined: each item's data is assembled here (torch) and
+    its figures handed at once to spawned worker processes (plain numpy data), so ranking
+    the next item overlaps drawing the previous ones. One item is drawn in this process.
+    Per item its paths, or the exception raised."""
+    if len(items) <= 1 or (workers is not None and workers <= 1):
+        out: list[list[Path] | BaseException] = []
+        for it in items:
+            try:
+                out.append(write_item_figures(validator, *it, out_dir))
+            except Exception as e:  # reported per item, never lost
+                out.append(e)
+        return out
+    import multiprocessing
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+
+    from qkcheck.plots import draw_job, figure_jobs
+
+    n = workers or os.cpu_count() or 1
+    pending: list[list | BaseException] = []
+    with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for it in items:
+            try:
+                data = item_plot_data(validator, *it)
+            except Exception as e:
+                pending.append(e)
+                continue
+            pending.append([pool.submit(draw_job, job) for job in figure_jobs(data, out_dir)])
+        results: list[list[Path] | BaseException] = []
+        for p in pending:
+            if isinstance(p, BaseException):
+                results.append(p)
+                continue
+            try:
+                results.append([Path(f.result()) for f in p])
+            except Exception as e:
+                results.append(e)
+    return results

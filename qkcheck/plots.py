@@ -763,7 +763,16 @@ def draw_item(data: ItemPlotData, out_dir: Path | str) -> list[str]:
     return out
 
 
-def _draw_one(args: tuple[ItemPlotData, str, str]) -> str:
+def figure_jobs(data: ItemPlotData, out_dir: Path | str) -> list[tuple[ItemPlotData, str, str]]:
+    """(data, kind, path) per figure of an item, for :func:`draw_job`."""
+    return [
+        (data, name.rsplit("_", 1)[-1].removesuffix(".png"), str(Path(out_dir) / name))
+        for name in data.file_names()
+    ]
+
+
+def draw_job(args: tuple[ItemPlotData, str, str]) -> str:
+    """Draw and write one figure; module-level, so worker processes can run it."""
     data, kind, path = args
     return str(save_figure(FIGURES[kind](data), Path(path)))
 
@@ -773,11 +782,7 @@ def draw_items(
 ) -> list[list[str] | BaseException]:
     """Draw every item's figures; with several figures due, in parallel worker processes
     (spawned: safe under threads and torch). Per item its paths, or the exception raised."""
-    jobs = [
-        (i, (d, name.rsplit("_", 1)[-1].removesuffix(".png"), str(Path(out_dir) / name)))
-        for i, d in enumerate(items)
-        for name in d.file_names()
-    ]
+    jobs = [(i, job) for i, d in enumerate(items) for job in figure_jobs(d, out_dir)]
     results: list[list[str] | BaseException] = [[] for _ in items]
     n = min(len(jobs), workers if workers is not None else (os.cpu_count() or 1))
     if n <= 1 or len(items) <= 1:  # one item: workers would cost more than they save
@@ -785,7 +790,7 @@ def draw_items(
             if isinstance(results[i], BaseException):
                 continue
             try:
-                results[i].append(_draw_one(job))  # type: ignore[union-attr]
+                results[i].append(draw_job(job))  # type: ignore[union-attr]
             except Exception as e:
                 results[i] = e
         return results
@@ -793,7 +798,7 @@ def draw_items(
     from concurrent.futures import ProcessPoolExecutor
 
     with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [(i, pool.submit(_draw_one, job)) for i, job in jobs]
+        futures = [(i, pool.submit(draw_job, job)) for i, job in jobs]
         for i, fut in futures:
             try:
                 path = fut.result()
