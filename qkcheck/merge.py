@@ -92,6 +92,11 @@ def merge_summaries(
         "figures": {
             "paths": sorted({p for s in summaries for p in s["figures"]["paths"]}),
             "left_out": sum(s["figures"]["left_out"] for s in summaries),
+            # the drawn items of every shard, worst |r|/B first
+            "items": sorted(
+                (d for s in summaries for d in s["figures"].get("items", [])),
+                key=lambda d: (-d["ratio"], d["id"]),
+            ),
         },
         # the same run in every shard: its skipped layers are too (absent in older summaries)
         "skipped_layers": {k: v for s in summaries for k, v in s.get("skipped_layers", {}).items()},

@@ -102,11 +102,19 @@ OPTIONS: tuple[Option, ...] = (
         "--plots",
         "plots",
         "failed",
-        "figures for: none, failed items, or all selected items",
+        "figures at session end for: none; failed items (the worst by |r|/B first); the "
+        "worst items, passed or not; or all selected items",
         "choice",
-        ("none", "failed", "all"),
+        ("none", "failed", "worst", "all"),
     ),
-    Option("--max-plots", "max_plots", 20, "at most this many items get figures", "int", lo=0),
+    Option(
+        "--max-plots",
+        "max_plots",
+        20,
+        "at most this many items get figures (the worst)",
+        "int",
+        lo=0,
+    ),
     Option(
         "--dataset-top-k",
         "dataset_top_k",

@@ -56,9 +56,14 @@ class ItemFactors:
         return (self.q.shape[0], self.q.shape[1], self.k.shape[1], self.k.shape[2])
 
 
-def _rotated_writes(U: Tensor, n: int, layout: HeadLayout, positions: Tensor) -> Tensor:
-    """``R_t u_{c,h}`` for every head, component and position: ``(n, C, pos, d_head)``."""
+def _rotated_writes(
+    U: Tensor, n: int, layout: HeadLayout, positions: Tensor, gamma: Tensor | None = None
+) -> Tensor:
+    """``R_t (γ ⊙ u_{c,h})`` for every head, component and position: ``(n, C, pos, d_head)``
+    (``γ``: QK-norm's gain, or None)."""
     u = U.reshape(U.shape[0], n, layout.head_dim).transpose(0, 1)  # (n, C, d)
+    if gamma is not None:
+        u = u * gamma.to(u.dtype)
     u = u[:, :, None, :].expand(-1, -1, positions.shape[0], -1)
     return rotate(u, positions, layout.rotary)
 
@@ -79,15 +84,27 @@ def weighted_factors(
     layout: HeadLayout,
     query_pos: int,
     key_positions: Tensor | None = None,
+    gamma_q: Tensor | None = None,
+    gamma_k: Tensor | None = None,
+    sigma_q: Tensor | None = None,
+    sigma_k: Tensor | None = None,
 ) -> ItemFactors:
     """Factors for weighted mode. ``x_query``: ``(d_model,)`` at position ``query_pos``;
-    ``x_keys``: ``(key_pos, d_model)`` at ``key_positions`` (default ``0..query_pos``)."""
+    ``x_keys``: ``(key_pos, d_model)`` at ``key_positions`` (default ``0..query_pos``).
+
+    QK-norm (Qwen3): gains ``gamma_q``/``gamma_k`` ``(head_dim,)`` scale the writes before
+    rotation and the norm's factors ``sigma_q`` ``(head,)`` (at the query) and ``sigma_k``
+    ``(kv_head, key_pos)`` (from :func:`qkcheck.decompose.qk_norm_scales`) after it."""
     kp = _key_positions(query_pos, key_positions, x_keys.device)
     qp = torch.tensor([query_pos], device=x_query.device)
     a_q = x_query @ V_Q  # (C_q,)
     a_k = x_keys @ V_K  # (J, C_k)
-    q = _rotated_writes(U_Q, layout.n_head, layout, qp)[:, :, 0] * a_q[None, :, None]
-    k = _rotated_writes(U_K, layout.n_kv_heads, layout, kp) * a_k.T[None, :, :, None]
+    q = _rotated_writes(U_Q, layout.n_head, layout, qp, gamma_q)[:, :, 0] * a_q[None, :, None]
+    k = _rotated_writes(U_K, layout.n_kv_heads, layout, kp, gamma_k) * a_k.T[None, :, :, None]
+    if sigma_q is not None:
+        q = q * sigma_q.to(q.dtype)[:, None, None]
+    if sigma_k is not None:
+        k = k * sigma_k.to(k.dtype)[:, None, :, None]
     return ItemFactors(q=q, k=k, scale=layout.scale)
 
 
@@ -166,11 +183,11 @@ class TopPairs:
 def chunk_size(f: ItemFactors, budget_bytes: int) -> int:
     """Query components per chunk so that the chunk's working set fits the budget.
 
-    A chunk holds the contributions ``(head, chunk, C_k, J)`` and their head mean (the
-    absolute values are taken in place): about ``(H + 1) · chunk · C_k · J`` elements.
+    A chunk holds the contributions ``(head, chunk, C_k, J)`` and those of each key head's
+    summed query heads (for the head mean): ``(H + KV) · chunk · C_k · J`` elements.
     """
     H, Cq, Ck, J = f.shape
-    per_component = (H + 1) * Ck * J * f.q.element_size()
+    per_component = (H + f.k.shape[0]) * Ck * J * f.q.element_size()
     return max(1, min(Cq, budget_bytes // max(per_component, 1)))
 
 
@@ -179,20 +196,34 @@ def top_pairs(f: ItemFactors, n: int, budget_bytes: int = DEFAULT_BUDGET) -> Top
 
     Equals ranking the dense tensor (:func:`dense_contributions`) by
     ``amax(|P|, key_pos)``; walks the query components in chunks and keeps only each
-    pair's peak, ``(head, C_q, C_k)``.
+    pair's peak, ``(head, C_q, C_k)``. The head mean ``(1/H) Σ_h P[h]`` is contracted
+    directly from each key head's summed query heads, ``(1/H) Σ_g <Σ_{h∈g} q[h,c], k[g]>``,
+    in the same product as the heads (no reduction over the head axis), and peaks are
+    ``max |·|`` in one pass (``vector_norm`` of order ∞).
     """
-    H, Cq, Ck, _ = f.shape
+    H, Cq, Ck, J = f.shape
+    KV, G, dh = f.k.shape[0], f.group, f.q.shape[-1]
     step = chunk_size(f, budget_bytes)
     opts = {"dtype": f.q.dtype, "device": f.q.device}
     head_peak = torch.empty(H, Cq, Ck, **opts)
     mean_peak = torch.empty(Cq, Ck, **opts)
+    keys = f.k.reshape(KV, Ck * J, dh)
+    inf = float("inf")
     for c0 in range(0, Cq, step):
-        raw = _contract(f, f.q[:, c0 : c0 + step])  # (KV, Ck, J, G, cc)
-        cc = raw.shape[-1]
-        mean_peak[c0 : c0 + cc] = raw.mean(dim=(0, 3)).abs_().amax(dim=1).T
-        peaks = raw.abs_().amax(dim=2)  # (KV, Ck, G, cc)
+        q = f.q[:, c0 : c0 + step]
+        cc = q.shape[1]
+        qg = q.reshape(KV, G, cc, dh)
+        cols = torch.cat([qg, qg.sum(dim=1, keepdim=True) / H], dim=1)  # (KV, G+1, cc, d)
+        raw = keys @ cols.reshape(KV, (G + 1) * cc, dh).transpose(1, 2)
+        raw = raw.reshape(KV, Ck, J, G + 1, cc)
+        peaks = torch.linalg.vector_norm(raw[..., :G, :], ord=inf, dim=2)  # (KV, Ck, G, cc)
         head_peak[:, c0 : c0 + cc] = peaks.permute(0, 2, 3, 1).reshape(H, cc, Ck)
-        del raw, peaks
+        mean = raw[..., G, :].sum(dim=0)  # (Ck, J, cc)
+        mean_peak[c0 : c0 + cc] = torch.linalg.vector_norm(mean, ord=inf, dim=1).T
+        del raw, peaks, mean
+    scale = abs(f.scale)
+    head_peak.mul_(scale)
+    mean_peak.mul_(scale)
     n = min(n, Cq * Ck)
     hp, hi = head_peak.reshape(H, -1).topk(n, dim=-1)
     mp, mi = mean_peak.reshape(-1).topk(n)

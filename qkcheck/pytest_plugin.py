@@ -61,6 +61,9 @@ class _State:
         self.figures: list[str] = []
         self.plots_left_out = 0
         self.figure_errors: list[str] = []
+        #: items drawn at session end: {"id", "layer", "sample", "query_pos", "ratio", "paths"}
+        self.drawn: list[dict[str, Any]] = []
+        self.nodeids: dict[tuple[int, int, int], str] = {}
         # summary bookkeeping (controller): final outcome per test, why a session stopped
         self.outcomes: dict[str, str] = {}
         self.gate_tests: set[str] = set()
@@ -96,6 +99,7 @@ class _State:
     def release_artifacts(self) -> None:
         lock = getattr(self, "_lock", None)
         if lock is not None:
+            # figure slots of qkcheck before figures were drawn at session end
             shutil.rmtree(self.artifacts / ".plot-slots", ignore_errors=True)
             lock.release()
 
@@ -105,7 +109,9 @@ class _State:
         if not data or report.when != "call":
             return
         if "item" in data:
-            self.items.append(data["item"])
+            it = data["item"]
+            self.items.append(it)
+            self.nodeids[(it["layer"], it["sample"], it["query_pos"])] = report.nodeid
         if "layer" in data:
             self.layers.setdefault(data["layer"]["layer"], {}).update(data["layer"])
         if "baseline" in data:
@@ -172,14 +178,18 @@ class _State:
             first = (str(excinfo.value).splitlines() or [""])[0]
             self.reason = f"internal error: {type(excinfo.value).__name__}: {first}".rstrip(": ")
 
+    @pytest.hookimpl(tryfirst=True)  # before junitxml and pytest-html write their reports
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
-        """Write the summary (atomically) with the verdict pytest exits with."""
+        """Draw the figures of the worst items, then write the summary (atomically) with the
+        verdict pytest exits with."""
         self.finishing = True
         if not self._writes_summary():
             return
         from qkcheck.report import build_summary, write_json
 
         reason = self.reason or _stop_reason(session, int(exitstatus), self.finished)
+        if reason is None or not reason.startswith("interrupted"):
+            self._draw_figures()
         gate = {
             k: sum(self.outcomes.get(t) == k for t in self.gate_tests)
             for k in ("passed", "failed", "errors", "skipped")
@@ -205,6 +215,7 @@ class _State:
             reason=reason,
             gate=gate,
             tests=tests,
+            drawn=self.drawn,
         )
         self.summary["skipped_layers"] = {
             str(k): why for k, why in sorted(self.validator.skipped_layers.items())
@@ -219,6 +230,41 @@ class _State:
         from qkcheck.html_report import try_write_html_report
 
         self.report_path, self.report_error = try_write_html_report(summary, self.artifacts)
+
+    def _draw_figures(self) -> None:
+        """The ``--max-plots`` worst items due a figure (:func:`select_plot_items`), drawn in
+        parallel worker processes, attached to the JUnit XML and pytest-html reports."""
+        s = self.settings
+        chosen, self.plots_left_out = select_plot_items(self.items, s.plots, s.max_plots)
+        if not chosen:
+            return
+        import qkcheck.figures as figures
+        from qkcheck.util import item_id
+
+        keys = [(it["layer"], it["sample"], it["query_pos"]) for it in chosen]
+        try:
+            results = figures.write_figures(self.validator, keys, self.artifacts)
+        except Exception as e:  # e.g. worker processes that cannot start: say so, per item
+            results = [e] * len(keys)
+        for it, key, res in zip(chosen, keys, results, strict=True):
+            nodeid = self.nodeids.get(key, item_id(*key))
+            if isinstance(res, BaseException):
+                self.figure_errors.append(f"{nodeid}: {type(res).__name__}: {res}")
+                continue
+            paths = [str(p) for p in res]
+            self.figures.extend(paths)
+            self.drawn.append(
+                {
+                    "id": item_id(*key),
+                    "layer": key[0],
+                    "sample": key[1],
+                    "query_pos": key[2],
+                    "ratio": it["ratio"],
+                    "passed": it["passed"],
+                    "paths": paths,
+                }
+            )
+            _attach(self.config, nodeid, [Path(p) for p in paths])
 
     def _dataset_view(self) -> dict[str, Any]:
         """pairs_L<l>.json and heat maps for a complete session (docs/design.md §9)."""
@@ -274,6 +320,18 @@ class _State:
 
 
 _OUTCOMES = ("passed", "failed", "errors", "skipped")
+
+
+def _brace(names: list[str]) -> str:
+    """``a_x.png, a_y.png`` → ``a_{x,y}.png`` (the figures of one item share a stem)."""
+    if len(names) < 2:
+        return ", ".join(names)
+    stem = os.path.commonprefix(names)  # noqa: RUF071  (file names, not paths)
+    stem = stem[: stem.rfind("_") + 1]
+    parts = [n[len(stem) :].removesuffix(".png") for n in names]
+    if not stem or not all(n.endswith(".png") for n in names):
+        return ", ".join(names)
+    return f"{stem}{{{','.join(parts)}}}.png"
 
 
 def _failure_message(report: pytest.TestReport) -> str:
@@ -477,83 +535,102 @@ def qk_baseline(request: pytest.FixtureRequest, qk, qk_settings, qk_record):
     )
 
 
-# --- artifacts: figures for failed (or all) items -------------------------------------------
+# --- artifacts: figures of the worst items, drawn at session end -----------------------------
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
-    paths: list[Path] = []
-    callspec = getattr(item, "callspec", None)
-    if call.when == "call" and callspec is not None and "qk_item" in callspec.params:
-        state = _state(item.config)
-        s = state.settings
-        failed = call.excinfo is not None and not call.excinfo.errisinstance(pytest.skip.Exception)
-        if s is not None and (s.plots == "all" or (s.plots == "failed" and failed)):
-            paths = _plot_item(state, item, callspec.params["qk_item"])
     outcome = yield
     report = outcome.get_result()
     if call.when == "call" and _RECORD in item.stash:
         report.qkcheck = item.stash[_RECORD]
-    if paths:
-        _attach_html(report, paths)
 
 
-def _plot_item(state: _State, item: pytest.Item, key: tuple[int, int, int]) -> list[Path]:
-    from qkcheck.figures import write_item_figures
+def select_plot_items(
+    items: list[dict[str, Any]], plots: str, max_plots: int
+) -> tuple[list[dict[str, Any]], int]:
+    """The items ``--plots`` draws, worst ``|r|/B`` first, at most ``max_plots``, and how
+    many that were due one are left out. ``failed``: failed items; ``worst``: every item
+    (passed or not); both skip queries with fewer than 2 keys (``query_pos`` 0: one key, no
+    curve to read). ``all``: every item."""
+    if plots == "none":
+        return [], 0
+    if plots == "all":
+        due = list(items)
+    else:
+        due = [it for it in items if it["query_pos"] >= 1]
+        if plots == "failed":
+            due = [it for it in due if not it["passed"]]
 
-    record = item.stash.setdefault(_RECORD, {})
-    if not _claim_plot_slot(state.artifacts, state.settings.max_plots):
-        record["left_out"] = 1
-        return []
+    def key(it: dict[str, Any]) -> tuple:
+        ratio = it["ratio"]
+        return (-(ratio if ratio == ratio else -1.0), it["layer"], it["sample"], it["query_pos"])
+
+    due.sort(key=key)
+    chosen = due[:max_plots]
+    return chosen, 0 if plots == "worst" else len(due) - len(chosen)
+
+
+def _attach(config: pytest.Config, nodeid: str, paths: list[Path]) -> None:
+    """Attach an item's figures to the reports being written at session end: its JUnit XML
+    testcase (``[[ATTACHMENT|path]]`` lines in its system-out) and its pytest-html entry
+    (embedded PNGs). Both reports have already taken in the item's results; their writers
+    run after this (qkcheck's sessionfinish is tryfirst)."""
+    _attach_junit(config, nodeid, paths)
+    _attach_html(config, nodeid, paths)
+
+
+def _attach_junit(config: pytest.Config, nodeid: str, paths: list[Path]) -> None:
     try:
-        paths = write_item_figures(state.validator, *key, state.artifacts)
-    except Exception as e:  # a figure must never hide the verdict, nor fail silently
-        why = f"{type(e).__name__}: {e}"
-        item.add_report_section("call", "qkcheck", f"figure failed: {why}")
-        record["figure_error"] = why
-        return []
-    text = "\n".join(f"[[ATTACHMENT|{p.resolve()}]]" for p in paths)
-    item.add_report_section("call", "stdout", text + "\n")
-    record["figures"] = [str(p) for p in paths]
-    return paths
+        from _pytest.junitxml import mangle_test_address, xml_key
+    except ImportError:  # pragma: no cover - pytest internals moved
+        return
+    xml = config.stash.get(xml_key, None)
+    if xml is None:
+        return
+    names = mangle_test_address(nodeid)
+    if xml.prefix:
+        names.insert(0, xml.prefix)
+    want = {"classname": ".".join(names[:-1]), "name": names[-1]}
+    text = "".join(f"[[ATTACHMENT|{p.resolve()}]]\n" for p in paths)
+    for reporter in xml.node_reporters_ordered:
+        case = reporter.to_xml()
+        if case.get("classname") == want["classname"] and case.get("name") == want["name"]:
+            out = case.find("system-out")
+            if out is None:
+                import xml.etree.ElementTree as ET
+
+                out = ET.SubElement(case, "system-out")
+                out.text = ""
+            out.text = (out.text or "") + text
+            return
 
 
-def _claim_plot_slot(artifacts: Path, max_plots: int) -> bool:
-    """Claim one of ``max_plots`` figure slots, shared by every process of the session."""
-    slots = artifacts / ".plot-slots"
-    slots.mkdir(parents=True, exist_ok=True)
-    for n in range(max_plots):
-        try:
-            os.close(os.open(slots / str(n), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-            return True
-        except FileExistsError:
-            continue
-    return False
-
-
-def _attach_html(report: pytest.TestReport, paths: list[Path]) -> None:
+def _attach_html(config: pytest.Config, nodeid: str, paths: list[Path]) -> None:
     try:
         import pytest_html  # type: ignore[import-not-found]
+        from pytest_html.basereport import BaseReport  # type: ignore[import-not-found]
     except ImportError:
         return
     import base64
+    from types import SimpleNamespace
 
+    plugin = next(
+        (p for p in config.pluginmanager.get_plugins() if isinstance(p, BaseReport)), None
+    )
+    if plugin is None:
+        return
+    tests = plugin._report.data["tests"].get(nodeid)
+    if not tests:
+        return
     # embedded, not linked: --self-contained-html warns on (and filterwarnings=error turns
     # into an INTERNALERROR) any image given as a path; embedded images serve both modes
-    extras = getattr(report, "extras", [])
-    extras.extend(
+    extras = [
         pytest_html.extras.png(base64.b64encode(p.read_bytes()).decode("ascii"), name=p.name)
         for p in paths
-    )
-    report.extras = extras
-
-
-def pytest_sessionstart(session: pytest.Session) -> None:
-    """Free the figure slots of an earlier session (the controller, before any worker)."""
-    state = _state(session.config)
-    if state.settings is None or hasattr(session.config, "workerinput"):
-        return
-    shutil.rmtree(state.artifacts / ".plot-slots", ignore_errors=True)
+    ]
+    processed = plugin._process_extras(SimpleNamespace(extras=extras), nodeid + "::qkcheck")
+    tests[-1].setdefault("extras", []).extend(processed)
 
 
 # --- summary ---------------------------------------------------------------------------------

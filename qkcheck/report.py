@@ -21,7 +21,9 @@ JSON schema (``summary.json`` in the artifacts directory)::
                             "abs_r_sketch": {…} | null,   # qkcheck.sketch, for merging
                             "logit_moments": {"sum", "sumsq", "count"} | null,
                             "item_ratios": {…} | null}},   # the heat map, see below
-     "figures": {"paths": [str], "left_out": int},
+     "figures": {"paths": [str], "left_out": int,
+                 "items": [{"id": str, "layer", "sample", "query_pos": int,   # drawn items,
+                            "ratio": float, "passed": bool, "paths": [str]}]},  # worst first
      "skipped_layers": {"<layer>": str},   # attention layers not validated, and why
      "dataset_view": {"paths": [str],      # with --dataset-top-k > 0, complete sessions only
                       "skipped": {"<layer>": str},   # layers left out of it, and why
@@ -93,6 +95,7 @@ def build_summary(
     reason: str | None = None,
     gate: Mapping[str, Any] | None = None,
     tests: Mapping[str, int] | None = None,
+    drawn: Iterable[Mapping[str, Any]] = (),
 ) -> dict[str, Any]:
     """Aggregate per-item records (``layer``, ``sample``, ``query_pos``, ``passed``,
     ``ratio``, ``closure_error``) and per-layer quality records into the summary, with the
@@ -155,7 +158,11 @@ def build_summary(
         "gate": dict(gate or {"passed": 0, "failed": 0, "skipped": 0, "failures": [], "notes": []}),
         "totals": totals(rows),
         "layers": {str(k): per_layer[k] for k in sorted(per_layer)},
-        "figures": {"paths": sorted(figures), "left_out": left_out},
+        "figures": {
+            "paths": sorted(figures),
+            "left_out": left_out,
+            "items": [dict(d) for d in drawn],
+        },
     }
 
 

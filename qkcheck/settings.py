@@ -24,7 +24,7 @@ class OptionError(QKCheckError):
 
 Mode = Literal["weighted", "binary"]
 Bound = Literal["data", "weight", "budget"]
-Plots = Literal["none", "failed", "all"]
+Plots = Literal["none", "failed", "worst", "all"]
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 assert tuple(DTYPES) == BY_FIELD["dtype"].choices

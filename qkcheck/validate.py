@@ -123,6 +123,9 @@ class GroupResult:
     #: (head, query_pos, key_pos): component sum incl. bias, the target model's logits
     component_sum: Tensor
     target: Tensor
+    #: (head, query_pos, key_pos): the asserted bound B (``--bound``) at every entry — what
+    #: the validation figure draws as its ±B band
+    bound_map: Tensor
     #: per query position (query_pos,)
     closure_error: Tensor
     excess: Tensor
@@ -388,6 +391,7 @@ class Validator:
             closure_tol=tol,
             component_sum=S[0].cpu(),
             target=target[0].cpu(),
+            bound_map=chosen[0].cpu(),
             closure_error=cerr.cpu(),
             excess=excess.cpu(),
             ratio=best.clamp_min(0).cpu(),
@@ -469,4 +473,6 @@ def _lower_flat(n: int, device: torch.device | str) -> Tensor:
 def _strip(g: GroupResult) -> GroupResult:
     """The compact part of a group kept for the whole session (no (head, i, j) tensors)."""
     empty = torch.empty(0)
-    return GroupResult(**{**g.__dict__, "component_sum": empty, "target": empty})
+    return GroupResult(
+        **{**g.__dict__, "component_sum": empty, "target": empty, "bound_map": empty}
+    )

@@ -93,7 +93,7 @@ def test_failed_items_embed_their_figures_in_a_self_contained_html_report(suite)
     assert "INTERNALERROR" not in result.stdout.str() + result.stderr.str()
     text = html.read_text()
     pngs = sorted(art.glob("*.png"))
-    assert len(pngs) == 4  # two items × (combined, validation)
+    assert len(pngs) == 6  # two items × (combined, components, validation)
     assert text.count("data:image/png;base64,") >= len(pngs)
     assert not re.search(r'(src|href)="[^"]*\.png"', text)  # no image linked outside the page
     # every written file is world-readable, and no figure-slot litter is left
@@ -110,7 +110,7 @@ import qkcheck.figures
 def boom(*args, **kwargs):
     raise RuntimeError("no glyph for token 漢")
 
-qkcheck.figures.write_item_figures = boom
+qkcheck.figures.item_plot_data = boom
 """
     )
     art = suite.path / "art"

@@ -574,5 +574,6 @@ def test_binary_mode_draws_figures_on_both_global_runs(pytester: pytest.Pytester
         summary = json.loads((art / "summary.json").read_text())
         assert summary["settings"]["mode"] == "binary"
         names = sorted(Path(p).name for p in summary["figures"]["paths"])
-        assert names == [f"{run_id}_L1_S0_Q20_combined.png"]  # binary: no validation figure
+        # binary: no validation figure (no ground truth)
+        assert names == [f"{run_id}_L1_S0_Q20_binary_{k}.png" for k in ("combined", "components")]
         assert all((art / n).is_file() and (art / n).stat().st_size > 10_000 for n in names)

@@ -64,6 +64,7 @@ def _comparable(summary: dict) -> dict:
     out = copy.deepcopy(summary)
     del out["settings"]
     out["figures"]["paths"] = []
+    out["figures"]["items"] = []
     return out
 
 

@@ -7,7 +7,15 @@ import pytest
 
 from qkcheck.figures import item_plot_data, write_item_figures
 from qkcheck.pairs import dense_contributions, weighted_factors
-from qkcheck.plots import ItemPlotData, combined_figure, save_figure, validation_figure
+from qkcheck.plots import (
+    ItemPlotData,
+    Verdict,
+    combined_figure,
+    components_figure,
+    palette,
+    save_figure,
+    validation_figure,
+)
 from qkcheck.settings import Settings
 from qkcheck.validate import Validator
 
@@ -17,7 +25,12 @@ def synthetic(n_head: int, n_keys: int = 12, mode: str = "weighted") -> ItemPlot
     pairs = [(c, d) for c in range(3) for d in range(2)]
     curves = {p: rng.normal(size=(n_head, n_keys)) for p in pairs}
     total = sum(curves.values())
-    return ItemPlotData(
+    q_curves = {c: sum(curves[(c, d)] for d in range(2)) for c in range(3)}
+    k_curves = {d: sum(curves[(c, d)] for c in range(3)) for d in range(2)}
+    weighted = mode == "weighted"
+    bias = np.full((n_head, n_keys), 0.05)
+    target = total + bias + 0.1
+    data = ItemPlotData(
         run="r",
         layer=1,
         sample=2,
@@ -27,17 +40,49 @@ def synthetic(n_head: int, n_keys: int = 12, mode: str = "weighted") -> ItemPlot
         pair_curves=curves,
         head_top=[pairs[h % 3 : h % 3 + 3] for h in range(n_head)],
         mean_top=pairs[:4],
-        head_faint=[pairs[-2:]] * n_head,
-        mean_faint=pairs[-2:],
         total=total,
-        target=None if mode == "binary" else total + 0.1,
+        target=target if weighted else None,
+        bias=bias if weighted else None,
+        delta=target - total - bias if weighted else None,
+        q_curves=q_curves,
+        k_curves=k_curves,
+        head_q_top=[[0, 1]] * n_head,
+        head_k_top=[[1]] * n_head,
+        mean_q_top=[2, 0],
+        mean_k_top=[0],
+        q_label="h.1.attn.q_proj",
+        k_label="h.1.attn.k_proj",
+    )
+    if weighted:
+        data.verdict = verdict(total + bias, target, np.full((n_head, n_keys), 0.2))
+    return data
+
+
+def verdict(S: np.ndarray, T: np.ndarray, B: np.ndarray) -> Verdict:
+    ratio = np.abs(T - S) / B
+    h, j = np.unravel_index(np.argmax(ratio), ratio.shape)
+    return Verdict(
+        passed=bool(ratio.max() <= 1),
+        closure_ok=True,
+        bound_ok=bool(ratio.max() <= 1),
+        closure_error=1e-7,
+        closure_tol=1e-4,
+        ratio=float(ratio.max()),
+        head=int(h),
+        key=int(j),
+        r=float((T - S)[h, j]),
+        bound_kind="weight",
+        bound_label="B_weight",
+        component_sum=S,
+        target=T,
+        bound=B,
     )
 
 
 @pytest.mark.parametrize("n_head", [1, 3, 6, 12])
-def test_the_combined_figure_has_a_mean_a_legend_and_one_panel_per_head(n_head, tmp_path):
+def test_the_combined_figure_has_a_mean_and_one_panel_per_head(n_head, tmp_path):
     fig = combined_figure(synthetic(n_head))
-    titled = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    titled = [ax.get_title().split(":")[0] for ax in fig.axes if ax.get_title()]
     assert titled == ["mean over heads", *(f"head {h}" for h in range(n_head))]
     path = save_figure(fig, tmp_path / "c.png")
     assert path.read_bytes()[:4] == b"\x89PNG"
@@ -47,19 +92,28 @@ def test_the_combined_figure_has_a_mean_a_legend_and_one_panel_per_head(n_head, 
 
 def test_binary_figures_draw_no_target_line(tmp_path):
     fig = combined_figure(synthetic(2, mode="binary"))
-    styles = {line.get_linestyle() for ax in fig.axes for line in ax.get_lines()}
-    assert "--" not in styles
+    gids = {line.get_gid() for ax in fig.axes for line in ax.get_lines()}
+    assert {"sum", "top", "rest"} <= gids and not gids & {"target", "delta", "bias"}
     assert "binary" in fig._suptitle.get_text()
 
 
-def test_the_validation_figure_titles_each_head_with_its_max_residual():
+def test_the_validation_figure_titles_each_head_with_its_ratio_to_the_bound():
     data = synthetic(2)
     S = np.zeros((2, 12))
     T = np.zeros((2, 12))
     T[1, 5] = 0.75
-    fig = validation_figure(data, S, T)
+    data.verdict = verdict(S, T, np.full((2, 12), 0.5))
+    fig = validation_figure(data)
     titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
-    assert titles == ["head 0: max |r| = 0", "head 1: max |r| = 0.75"]
+    assert titles == [
+        "head 0: max |r|/B_weight = 0 (key 0), max |r| = 0",
+        "head 1: max |r|/B_weight = 1.5 (key 5), max |r| = 0.75",
+    ]
+    title = fig._suptitle.get_text()
+    assert title.startswith("FAIL (bound)") and "r = target − component sum" in title
+    worst = [ln for ax in fig.axes for ln in ax.get_lines() if ln.get_gid() == "worst"]
+    assert len(worst) == 1 and list(worst[0].get_xdata()) == [5]
+    assert list(worst[0].get_ydata()) == [0.75]
 
 
 @pytest.fixture(scope="module")
@@ -91,8 +145,9 @@ def test_item_figures_are_written_under_names_carrying_run_layer_sample_and_quer
 ):
     paths = write_item_figures(validator, 0, 2, 63, tmp_path)
     assert [p.name for p in paths] == [
-        "s-5eed0002_L0_S2_Q63_combined.png",
-        "s-5eed0002_L0_S2_Q63_validation.png",
+        "s-5eed0002_L0_S2_Q63_weighted_combined.png",
+        "s-5eed0002_L0_S2_Q63_weighted_components.png",
+        "s-5eed0002_L0_S2_Q63_weighted_validation.png",
     ]
 
 
@@ -114,11 +169,153 @@ def test_non_latin_and_special_tokens_render_visibly_without_warnings(tmp_path):
     no mathtext, no broken title; the glyph-less characters are labelled by code point."""
     data = synthetic(2)
     data.tokens = ["漢", "$5", " or", "$6\n", *data.tokens[4:]]
-    for fig in (combined_figure(data), validation_figure(data, data.total, data.target)):
-        labels = [t.get_text() for ax in fig.axes for t in ax.get_xticklabels() if t.get_text()]
+    for fig in (combined_figure(data), validation_figure(data), components_figure(data)):
+        labels = [t.get_text() for ax in fig.axes for t in ax.texts if t.get_gid() == "key"]
         assert "U+6F22 ·0" in labels
         assert "\\$5 ·1" in labels and "␣or ·2" in labels and "\\$6↵ ·3" in labels
         title = fig._suptitle.get_text()
         assert "U+6F22 \\$5 ␣or \\$6↵ tok4" in title  # one line, nothing lost
         assert title.splitlines()[-1].endswith("[tok11]")
         save_figure(fig, tmp_path / "t.png")  # drawing raises on a missing glyph
+
+
+def test_failing_and_passing_items_give_different_validation_figures(
+    genuine_run, genuine_tokens, validator, tmp_path
+):
+    """The same item under the default bound (passes) and under a tiny --delta-budget
+    (fails): the verdict, the band and the ratios in the figure follow the validator."""
+    failing = Validator(
+        genuine_run,
+        genuine_tokens,
+        list(range(8)),
+        Settings(run_id="x", top_n=5, bound="budget", delta_budget=0.001),
+    )
+    item = (1, 3, 40)
+    figs = {}
+    for name, v in (("pass", validator), ("fail", failing)):
+        res = v.item(*item)
+        assert res.passed == (name == "pass")
+        data = item_plot_data(v, *item)
+        fig = validation_figure(data)
+        title = fig._suptitle.get_text()
+        assert title.startswith("PASS" if res.passed else "FAIL (bound)"), title
+        assert f"worst |r|/B_{res.bound_kind} = {res.ratio:.3g} at head {res.head}" in title
+        g = v.group(item[0], item[1])
+        B = g.bound_map[:, 40, :41].double().numpy()
+        r = (g.target - g.component_sum)[:, 40, :41].double().numpy()
+        titles = [ax.get_title() for ax in fig.axes if ax.get_title().startswith("head")]
+        for h, t in enumerate(titles):
+            assert t.startswith(
+                f"head {h}: max |r|/B_{res.bound_kind} = {(abs(r[h]) / B[h]).max():.3g}"
+            )
+        worst = [ln for ax in fig.axes for ln in ax.get_lines() if ln.get_gid() == "worst"]
+        assert list(worst[0].get_xdata()) == [res.key]
+        figs[name] = save_figure(fig, tmp_path / f"{name}.png").read_bytes()
+    assert figs["pass"] != figs["fail"]
+
+
+def _panel_lines(ax) -> dict[str, list[np.ndarray]]:
+    out: dict[str, list[np.ndarray]] = {"coloured": []}
+    for coll in ax.collections:
+        if hasattr(coll, "get_segments"):
+            out["coloured"] += [seg[:, 1] for seg in coll.get_segments()]
+    for ln in ax.get_lines():
+        if ln.get_gid() in ("rest", "bias", "delta", "target", "sum", "top"):
+            out.setdefault(ln.get_gid(), []).append(np.asarray(ln.get_ydata()))
+    return out
+
+
+def test_the_components_figures_lines_add_up_to_the_target(validator):
+    """Per-component sums over every component plus bias equal the validator's component
+    sum (an independent computation, decompose.py's); in every panel of the components
+    figure the coloured components + rest + bias + Δ equal the target line."""
+    from qkcheck.figures import _factors, component_curves
+
+    layer, sample, i = 1, 3, 40
+    g = validator.group(layer, sample)
+    S = g.component_sum[:, i, : i + 1].double().numpy()
+    T = g.target[:, i, : i + 1].double().numpy()
+    f, extra = _factors(validator, layer, sample, i)
+    Q, K = component_curves(f)
+    bias = 0 if extra["bias"] is None else extra["bias"].double().numpy()
+    np.testing.assert_allclose(Q.sum(dim=1).double().numpy() + bias, S, atol=1e-4)
+    np.testing.assert_allclose(K.sum(dim=1).double().numpy() + bias, S, atol=1e-4)
+    data = item_plot_data(validator, layer, sample, i)
+    fig = components_figure(data)
+    panels = [ax for ax in fig.axes if ax.get_title()]
+    assert len(panels) == 2 * (data.n_head + 1)
+    for n, ax in enumerate(panels):
+        lines = _panel_lines(ax)
+        assert len(lines["coloured"]) == 5  # --top-n 5
+        want = T.mean(axis=0) if n < 2 else T[(n - 2) // 2]
+        np.testing.assert_allclose(lines["target"][0], want, atol=1e-9)
+        got = sum(lines["coloured"]) + lines["rest"][0] + lines["delta"][0]
+        got = got + (lines["bias"][0] if "bias" in lines else 0)
+        np.testing.assert_allclose(got, want, atol=1e-4)
+    labels = [t.get_text() for t in panels[2].get_legend().get_texts()]
+    assert labels[0].startswith("h.1.attn.q_proj:") and len(labels) == 5
+
+
+def test_the_combined_figure_shows_what_its_top_pairs_leave_out(validator):
+    data = item_plot_data(validator, 1, 3, 40)
+    fig = combined_figure(data)
+    for n, ax in enumerate(ax for ax in fig.axes if ax.get_title()):
+        lines = _panel_lines(ax)
+        top = data.mean_top if n == 0 else data.head_top[n - 1]
+        assert len(lines["coloured"]) == len(top)
+        np.testing.assert_allclose(lines["top"][0], sum(lines["coloured"]), atol=1e-9)
+        np.testing.assert_allclose(lines["top"][0] + lines["rest"][0], lines["sum"][0], atol=1e-9)
+        np.testing.assert_allclose(
+            lines["sum"][0] + lines["delta"][0] + lines.get("bias", [0])[0],
+            lines["target"][0],
+            atol=1e-4,
+        )
+        legend = [t.get_text() for t in ax.get_legend().get_texts()]
+        assert legend == [f"q_proj:{c}·k_proj:{d}" for c, d in top]  # only its own pairs
+
+
+def test_colours_are_unique_and_never_grey():
+    import colorsys
+
+    cols = palette(120)
+    assert len(set(cols)) == 120
+    for c in cols:
+        _, light, sat = colorsys.rgb_to_hls(*c)
+        assert sat > 0.3 and 0.2 < light < 0.8, c
+
+
+@pytest.fixture(scope="module")
+def hf_tiny(tmp_path_factory):
+    from tests.hf_runs import KINDS, write_run
+
+    root = tmp_path_factory.mktemp("hf")
+    return {kind: write_run(kind, root / "out", root / "hub") for kind in KINDS}, root / "hub"
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen3", "gpt2"])
+def test_hf_figures_add_up_to_the_decomposition_with_qk_norm_biases_and_fused_slices(
+    hf_tiny, kind, monkeypatch
+):
+    """Pair sum + bias terms equal the validator's component sum (decompose.py) on Qwen3
+    (QK-norm: σ and γ), GPT-2 (fused c_attn with biases) and Llama; binary-mode figures of a
+    QK-norm layer are refused, not drawn wrong."""
+    from qkcheck.errors import UnsupportedError
+    from qkcheck.runs import load_run
+
+    runs, hub = hf_tiny
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub))
+    run = load_run(runs[kind])
+    v = Validator(run, run.samples[:1], [0], Settings(run_id="x", top_n=4))
+    for layer in v.layers:
+        i = 17
+        data = item_plot_data(v, layer, 0, i)
+        g = v.group(layer, 0)
+        S = g.component_sum[:, i, : i + 1].double().numpy()
+        np.testing.assert_allclose(data.total + data.bias, S, atol=1e-4, rtol=1e-4)
+        assert np.abs(data.total).max() > 1e-2  # not vacuous
+        if kind == "gpt2":
+            assert np.abs(data.bias).max() > 1e-3  # its biases are drawn
+    if kind == "qwen3":
+        b = Validator(run, run.samples[:1], [0], Settings(run_id="x", mode="binary"))
+        with pytest.raises(UnsupportedError, match="QK-norm"):
+            item_plot_data(b, 0, 0, 17)

@@ -85,7 +85,7 @@ def test_figures_of_selected_items_are_attached_to_the_junit_xml(suite):
             assert f"_L{layer}_S{sample}_Q{query}_" in p.name, (item, p)
     on_disk = {p.resolve() for p in (suite.path / "art").rglob("*.png")}
     all_attached = {p.resolve() for paths in attached.values() for p in paths}
-    assert all_attached == on_disk and len(on_disk) == 4
+    assert all_attached == on_disk and len(on_disk) == 6  # 2 items × 3 figures
 
     path = summary_path(suite)
     summary = json.loads(path.read_text())
@@ -96,6 +96,74 @@ def test_figures_of_selected_items_are_attached_to_the_junit_xml(suite):
         return next((c.resolve() for c in candidates if c.is_file()), Path(p))
 
     assert {located(p) for p in summary["figures"]["paths"]} == on_disk
+
+
+def _summary_worst(summary: dict) -> tuple[str, float]:
+    layers = summary["layers"].values()
+    best = max(layers, key=lambda r: r["worst_ratio"])
+    return best["worst_item"], best["worst_ratio"]
+
+
+@pytest.mark.parametrize(
+    ("plots", "xdist"), [("failed", ()), ("worst", ()), ("failed", ("-n", "2"))]
+)
+def test_the_worst_item_gets_the_figures_and_the_junit_xml_attaches_them(suite, plots, xdist):
+    """``--max-plots 1``: the item with the largest |r|/B (the summary's own worst item,
+    computed apart) is drawn, listed in summary.json and the terminal, and attached to its
+    JUnit testcase; failing items (tiny --delta-budget) or a passing run (--plots worst)."""
+    import xml.etree.ElementTree as ET
+
+    xml = suite.path / "out.xml"
+    failing = ("--bound", "budget", "--delta-budget", "0.001") if plots == "failed" else ()
+    result = run(
+        suite, "--plots", plots, "--max-plots", "1", *failing, "--samples", "2",
+        "--query-pos", "5,20,40", "-k", "test_items", f"--junitxml={xml}", *xdist,
+    )  # fmt: skip
+    if plots == "failed":
+        result.assert_outcomes(failed=12)
+    else:
+        result.assert_outcomes(passed=12)
+    summary = json.loads(summary_path(suite).read_text())
+    worst, ratio = _summary_worst(summary)
+    drawn = summary["figures"]["items"]
+    assert [d["id"] for d in drawn] == [worst]
+    assert drawn[0]["ratio"] == ratio
+    names = [Path(p).name for p in drawn[0]["paths"]]
+    stem = f"{GENUINE_RUN_ID}_{worst.replace('-', '_')}_weighted"
+    assert names == [f"{stem}_{k}.png" for k in ("combined", "components", "validation")]
+    assert sorted(summary["figures"]["paths"]) == sorted(drawn[0]["paths"])
+    assert summary["figures"]["left_out"] == (11 if plots == "failed" else 0)
+    out = result.stdout.str()
+    listed = (
+        rf"^  {worst}  \|r\|/B = {ratio:.3g}  \w+  {stem}_{{combined,components,validation}}.png$"
+    )
+    assert re.search(listed, out, re.M), out
+    attached = {}
+    for case in ET.parse(xml).getroot().iter("testcase"):
+        text = "".join(e.text or "" for e in case.iter("system-out"))
+        found = re.findall(r"\[\[ATTACHMENT\|(.+?)\]\]", text)
+        if found:
+            attached[re.search(r"\[(L\d+-S\d+-Q\d+)\]", case.get("name")).group(1)] = found
+    assert list(attached) == [worst]
+    assert [Path(p).name for p in attached[worst]] == names
+    assert all(Path(p).is_file() for p in attached[worst])
+
+
+def test_plot_selection_takes_the_worst_first_and_skips_one_key_queries():
+    from qkcheck.pytest_plugin import select_plot_items
+
+    def it(q, ratio, passed):
+        return {"layer": 0, "sample": 0, "query_pos": q, "ratio": ratio, "passed": passed}
+
+    items = [it(0, 50.0, False), it(1, 2.0, False), it(2, 11.3, False), it(3, 0.5, True)]
+    items += [it(4, 3.0, False), it(5, 0.9, True)]
+    chosen, left = select_plot_items(items, "failed", 2)
+    assert [c["query_pos"] for c in chosen] == [2, 4] and left == 1  # Q0 (one key) skipped
+    chosen, left = select_plot_items(items, "worst", 3)
+    assert [c["query_pos"] for c in chosen] == [2, 4, 1] and left == 0
+    chosen, left = select_plot_items(items, "all", 3)
+    assert [c["query_pos"] for c in chosen] == [0, 2, 4] and left == 3
+    assert select_plot_items(items, "none", 3) == ([], 0)
 
 
 QUALITY = ("-k", "test_quality", "--query-pos", "last")

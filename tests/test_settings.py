@@ -103,7 +103,7 @@ def test_the_selection_defaults_mean_everything():
     ("option", "value", "message"),
     [
         ("qk_mode", "dense", r"--mode: 'dense' is not one of weighted, binary"),
-        ("qk_plots", "maybe", r"--plots: 'maybe' is not one of none, failed, all"),
+        ("qk_plots", "maybe", r"--plots: 'maybe' is not one of none, failed, worst, all"),
         ("qk_bound", "tight", r"--bound: 'tight' is not one of data, weight, budget"),
         ("qk_dtype", "float16", r"--dtype: 'float16' is not one of float32, float64"),
         ("qk_top_n", "0", r"--top-n: '0' must be >= 1"),
