@@ -668,6 +668,10 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
     for line in state.figure_errors:
         tr.write_line(f"figure failed: {line}", red=True)
     tr.write_line(f"figures: {len(summary['figures']['paths'])} in {state.artifacts}")
+    for d in summary["figures"].get("items", []):
+        verdict = "passed" if d["passed"] else "FAILED"
+        names = _brace([Path(p).name for p in d["paths"]])
+        tr.write_line(f"  {d['id']}  |r|/B = {d['ratio']:.3g}  {verdict}  {names}")
     if state.report_error:
         tr.write_line(f"report not written: {state.report_error}", red=True)
     else:

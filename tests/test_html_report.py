@@ -468,7 +468,7 @@ def test_the_page_loads_in_a_browser_with_every_image_and_no_console_output(
     page = demo_artifacts / "index.html"
     source = Page(page.read_text())
     n_img = len(source.imgs)
-    assert n_img == 2 + 4 + 2  # 2 heat maps, 2 items × 2 figures, 2 dataset heat maps
+    assert n_img == 2 + 6 + 2  # 2 heat maps, 2 items × 3 figures, 2 dataset heat maps
     _links_resolve(source, demo_artifacts)
     dom, console = load(page, tmp_path)
     assert console == []  # no error, warning, exception nor log
