@@ -34,8 +34,9 @@ def head_norms(weight: Tensor, n_heads: int, kind: NormKind = "spectral") -> Ten
 
 
 def data_bound(q_hat: Tensor, k_hat: Tensor, dq: Tensor, dk: Tensor, scale: float) -> Tensor:
-    """``B_data`` from head vectors: q-side ``(batch, head, pos, d_head)``, k-side already
-    expanded to query heads ``(batch, head, pos, d_head)``. Returns ``(batch, head, i, j)``."""
+    """``B_data`` from head vectors: q-side ``(batch, head, i, d_head)`` at the query rows
+    wanted, k-side already expanded to query heads ``(batch, head, j, d_head)`` at their
+    keys. Returns ``(batch, head, i, j)``."""
     nq, nk = q_hat.norm(dim=-1), k_hat.norm(dim=-1)
     ndq, ndk = dq.norm(dim=-1), dk.norm(dim=-1)
     outer = _outer
@@ -51,11 +52,14 @@ def weight_bound(
     bias_norm_q: Tensor,
     bias_norm_k: Tensor,
     scale: float,
+    x_norm_k: Tensor | None = None,
 ) -> Tensor:
     """``B_weight`` from ``|x|`` ``(batch, pos)`` and per-head norms, all ``(head,)`` with the
-    key-side ones already indexed by ``g(h)``. Returns ``(batch, head, i, j)``."""
+    key-side ones already indexed by ``g(h)``. Returns ``(batch, head, i, j)``. ``x_norm_k``:
+    the keys' ``|x_j|`` when they are other positions than the queries' (a block of query
+    rows against its keys), default ``x_norm``."""
     xi = x_norm[:, None, :, None]
-    xj = x_norm[:, None, None, :]
+    xj = (x_norm if x_norm_k is None else x_norm_k)[:, None, None, :]
 
     def per_head(v: Tensor) -> Tensor:
         return v[None, :, None, None]

@@ -14,7 +14,10 @@ where ``q̂ = q_c + b_Q`` and ``k̂ = k_c + b_K``. The residual against the targ
 own logits is ``r = ℓ_target − (S + bias_terms)``; it equals ``delta_terms`` up to rounding
 (the closure identity the suite checks), and ``|r| ≤ B_data ≤ B_weight`` (see bounds.py).
 
-Every output is ``(batch, head, query_pos, key_pos)`` over the full square; entries with
+Every output is ``(batch, head, query_pos, key_pos)`` over the full square, or over a block
+of query rows ``i0 ≤ i < i1`` against keys ``j < i1`` (``rows``: all a causal row needs, so
+a long sample is walked in row chunks of bounded memory; the projections, ``O(pos · d)``,
+are made once per layer and sample by :func:`project_layer`). Entries with
 ``key_pos > query_pos`` are computed but meaningless for a causal model (use
 :func:`causal_mask`). The (head, C_q, C_k, key) pair tensor is never built here.
 """
@@ -213,6 +216,164 @@ def closure_tolerance(
     return 2.0 * (d_model + c_max + head_dim + 2 * max_pos) * eps
 
 
+#: query rows ``(i0, i1)``: queries ``i0 ≤ i < i1`` against keys ``0 ≤ j < i1`` — all a causal
+#: row needs. None: every row (``(0, pos)``).
+Rows = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class SideVectors:
+    """One side's head vectors at its positions, rotated: ``(batch, heads, pos, d_head)``.
+
+    ``comp = R_t v_c`` (the components' sum), ``hat = R_t (v_c + b)``, ``bias = R_t b`` (None
+    without a bias), ``delta = R_t Δv`` — with QK-norm each already scaled by ``σ · γ``
+    (``sigma`` ``(batch, heads, pos)``, else None); ``x_norm`` ``(batch, pos)`` is ``|x_t|``.
+    """
+
+    comp: Tensor
+    hat: Tensor
+    bias: Tensor | None
+    delta: Tensor
+    x_norm: Tensor
+    sigma: Tensor | None
+
+    def positions(self, lo: int, hi: int) -> SideVectors:
+        """The vectors at positions ``lo ≤ t < hi`` (views, no copy)."""
+        def cut(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t[..., lo:hi, :]
+
+        return SideVectors(
+            cut(self.comp),
+            cut(self.hat),
+            cut(self.bias),
+            cut(self.delta),
+            self.x_norm[:, lo:hi],
+            None if self.sigma is None else self.sigma[..., lo:hi],
+        )
+
+
+@dataclass(frozen=True)
+class LayerProjections:
+    """Both sides of one layer projected once: queries at rows ``q_start … q_start + n_q``,
+    keys at ``0 … n_k`` — ``O(pos · heads · d_head)`` memory, no ``(pos, pos)`` square.
+    :meth:`rows` selects a block of query rows, :meth:`decompose` builds its squares."""
+
+    q: SideVectors
+    k: SideVectors
+    weights: LayerWeights
+    layout: HeadLayout
+    q_start: int = 0
+
+    def rows(self, i0: int, i1: int) -> LayerProjections:
+        """Query rows ``i0 ≤ i < i1`` against keys ``j < i1`` (views, no copy)."""
+        lo = i0 - self.q_start
+        if lo < 0 or i1 - self.q_start > self.q.comp.shape[-2] or i1 > self.k.comp.shape[-2]:
+            raise ValueError(f"rows {i0}:{i1} are not all projected here")
+        return replace(
+            self, q=self.q.positions(lo, i1 - self.q_start), k=self.k.positions(0, i1), q_start=i0
+        )
+
+    def decompose(self, target: Tensor | None = None, norm: NormKind = "spectral"):
+        """:class:`LayerDecomposition` of these rows and keys, ``(batch, head, rows, keys)``;
+        ``target`` the model's logits there (see :func:`decompose_layer`)."""
+        q, k, layout = self.q, self.k, self.layout
+        s = layout.scale
+        scores = _grouped_scores
+        if q.bias is None and k.bias is None:
+            component_sum = s * scores(q.hat, k.hat)
+            bias_terms = torch.zeros_like(component_sum)
+        else:
+            component_sum = s * scores(q.comp, k.comp)
+            bias_terms = torch.zeros_like(component_sum)
+            if k.bias is not None:
+                bias_terms += s * scores(q.comp, k.bias)
+            if q.bias is not None:
+                bias_terms += s * scores(q.bias, k.hat)
+        delta_terms = s * (scores(q.hat, k.delta) + scores(q.delta, k.hat + k.delta))
+        resid = (target if target is not None else component_sum + bias_terms + delta_terms) - (
+            component_sum + bias_terms
+        )
+        group = layout.group
+        k_hat_h = k.hat.repeat_interleave(group, dim=1)
+        dk_h = k.delta.repeat_interleave(group, dim=1)
+        b_data = data_bound(q.hat, k_hat_h, q.delta, dk_h, s)
+        q_size = q.hat.norm(dim=-1) + q.delta.norm(dim=-1)
+        k_size = k_hat_h.norm(dim=-1) + dk_h.norm(dim=-1)
+        magnitude = abs(s) * q_size[..., :, None] * k_size[..., None, :]
+        sigmas = None if q.sigma is None else (q.sigma, k.sigma)
+        b_weight = _weight_bound(q.x_norm, k.x_norm, self.weights, layout, norm, sigmas=sigmas)
+        return LayerDecomposition(
+            component_sum=component_sum,
+            bias_terms=bias_terms,
+            delta_terms=delta_terms,
+            residual=resid,
+            data_bound=b_data,
+            weight_bound=b_weight,
+            magnitude=magnitude,
+            target=target,
+        )
+
+
+def project_layer(
+    x: Tensor,
+    weights: LayerWeights,
+    layout: HeadLayout,
+    positions: Tensor | None = None,
+    rows: Rows | None = None,
+) -> LayerProjections:
+    """Project ``x`` ``(batch, pos, d_model)`` on both sides: queries at ``rows`` only, keys
+    below ``rows[1]`` (default every position). ``positions``: rotary position ids
+    ``(pos,)``, default ``0..pos-1``. Cost ``O(pos · d_model · C)``, memory ``O(pos · d)``."""
+    w = weights.to(x.dtype, x.device)
+    T = x.shape[1]
+    i0, i1 = (0, T) if rows is None else rows
+    if positions is None:
+        positions = torch.arange(T, device=x.device)
+    H, KV = layout.n_head, layout.n_kv_heads
+    q = _side(x[:, i0:i1], positions[i0:i1], w.V_Q, w.U_Q, w.delta_Q, w.b_Q, w.gamma_Q, H, layout)
+    k = _side(x[:, :i1], positions[:i1], w.V_K, w.U_K, w.delta_K, w.b_K, w.gamma_K, KV, layout)
+    return LayerProjections(q, k, w, layout, q_start=i0)
+
+
+def _side(
+    x: Tensor,
+    positions: Tensor,
+    V: Tensor,
+    U: Tensor,
+    delta: Tensor,
+    b: Tensor | None,
+    gamma: Tensor | None,
+    n: int,
+    layout: HeadLayout,
+) -> SideVectors:
+    """:class:`SideVectors` of one side: ``v_c = x V U``, ``Δv = x Δᵀ`` per head, the bias;
+    with QK-norm all scaled by ``σ · γ``, ``σ`` of their (unrotated) sum, the target's
+    projection (docs/design.md §11); then rotated."""
+
+    def heads(t: Tensor) -> Tensor:  # (batch, pos, n·d) -> (batch, n, pos, d)
+        return t.unflatten(-1, (n, layout.head_dim)).transpose(1, 2)
+
+    def rot(t: Tensor) -> Tensor:
+        return rotate(t, positions, layout.rotary)
+
+    comp = heads((x @ V) @ U)
+    dv = heads(x @ delta.T)
+    bias = _bias_heads(b, n, layout.head_dim, x)
+    sigma = None
+    if layout.qk_norm_eps is not None:  # every term scaled alike: still bilinear, closure exact
+        if gamma is None:
+            raise ValueError("a QK-norm layout needs the weights' gamma_Q and gamma_K")
+        full = comp + dv if bias is None else comp + dv + bias
+        sigma = torch.rsqrt(full.pow(2).mean(-1) + layout.qk_norm_eps)
+        f = sigma[..., None] * gamma
+        comp, dv = comp * f, dv * f
+        bias = None if bias is None else bias * f
+    hat = rot(comp + bias) if bias is not None else rot(comp)
+    comp_r = hat if bias is None else rot(comp)
+    bias_r = None if bias is None else rot(bias.expand_as(comp))
+    return SideVectors(comp_r, hat, bias_r, rot(dv), x.norm(dim=-1), sigma)
+
+
 def decompose_layer(
     x: Tensor,
     weights: LayerWeights,
@@ -220,82 +381,18 @@ def decompose_layer(
     target: Tensor | None = None,
     positions: Tensor | None = None,
     norm: NormKind = "spectral",
+    rows: Rows | None = None,
 ) -> LayerDecomposition:
-    """Decompose the logits of one layer for every sample and every query/key position.
+    """Decompose the logits of one layer for every sample, at query ``rows`` (default all).
 
     ``x``: attention input ``(batch, pos, d_model)`` (after the pre-attention norm);
-    ``target``: the model's own logits ``(batch, head, query_pos, key_pos)``; without it
-    the residual is taken against the closure (i.e. it equals ``delta_terms``);
-    ``positions``: rotary position ids ``(pos,)``, default ``0..pos-1``.
+    ``target``: the model's own logits ``(batch, head, query_pos, key_pos)`` of those rows
+    and keys (``[..., i0:i1, :i1]``); without it the residual is taken against the closure
+    (i.e. it equals ``delta_terms``); ``positions``: rotary position ids ``(pos,)``, default
+    ``0..pos-1``; ``rows`` ``(i0, i1)``: only queries ``i0 ≤ i < i1`` are projected and only
+    keys ``j < i1`` (all a causal row needs); outputs are ``(batch, head, i1 − i0, i1)``.
     """
-    w = weights.to(x.dtype, x.device)
-    T = x.shape[1]
-    if positions is None:
-        positions = torch.arange(T, device=x.device)
-
-    def heads(t: Tensor, n: int) -> Tensor:  # (batch, pos, n·d) -> (batch, n, pos, d)
-        return t.unflatten(-1, (n, layout.head_dim)).transpose(1, 2)
-
-    def rot(t: Tensor) -> Tensor:
-        return rotate(t, positions, layout.rotary)
-
-    H, KV = layout.n_head, layout.n_kv_heads
-    q_comp = heads((x @ w.V_Q) @ w.U_Q, H)
-    k_comp = heads((x @ w.V_K) @ w.U_K, KV)
-    dq = heads(x @ w.delta_Q.T, H)
-    dk = heads(x @ w.delta_K.T, KV)
-    bq = _bias_heads(w.b_Q, H, layout.head_dim, x)
-    bk = _bias_heads(w.b_K, KV, layout.head_dim, x)
-    sigmas = _qk_norm_sigmas(q_comp, dq, bq, k_comp, dk, bk, w, layout)
-    if sigmas is not None:  # every term of a side scaled alike: still bilinear, closure exact
-        fq = sigmas[0][..., None] * w.gamma_Q
-        fk = sigmas[1][..., None] * w.gamma_K
-        q_comp, dq, k_comp, dk = q_comp * fq, dq * fq, k_comp * fk, dk * fk
-        bq = None if bq is None else bq * fq
-        bk = None if bk is None else bk * fk
-    dq, dk = rot(dq), rot(dk)
-
-    q_hat_r = rot(q_comp + bq) if bq is not None else rot(q_comp)
-    k_hat_r = rot(k_comp + bk) if bk is not None else rot(k_comp)
-    s = layout.scale
-    scores = _grouped_scores
-
-    if bq is None and bk is None:
-        component_sum = s * scores(q_hat_r, k_hat_r)
-        bias_terms = torch.zeros_like(component_sum)
-    else:
-        q_comp_r, k_comp_r = rot(q_comp), rot(k_comp)
-        component_sum = s * scores(q_comp_r, k_comp_r)
-        bias_terms = torch.zeros_like(component_sum)
-        if bk is not None:
-            bias_terms += s * scores(q_comp_r, rot(bk.expand_as(k_comp)))
-        if bq is not None:
-            bias_terms += s * scores(rot(bq.expand_as(q_comp)), k_hat_r)
-
-    delta_terms = s * (scores(q_hat_r, dk) + scores(dq, k_hat_r + dk))
-    resid = (target if target is not None else component_sum + bias_terms + delta_terms) - (
-        component_sum + bias_terms
-    )
-
-    group = layout.group
-    k_hat_h = k_hat_r.repeat_interleave(group, dim=1)
-    dk_h = dk.repeat_interleave(group, dim=1)
-    b_data = data_bound(q_hat_r, k_hat_h, dq, dk_h, s)
-    q_size = q_hat_r.norm(dim=-1) + dq.norm(dim=-1)
-    k_size = k_hat_h.norm(dim=-1) + dk_h.norm(dim=-1)
-    magnitude = abs(s) * q_size[..., :, None] * k_size[..., None, :]
-
-    b_weight = _weight_bound(x, w, layout, norm, sigmas=sigmas)
-    return LayerDecomposition(
-        component_sum=component_sum,
-        bias_terms=bias_terms,
-        delta_terms=delta_terms,
-        residual=resid,
-        data_bound=b_data,
-        weight_bound=b_weight,
-        magnitude=magnitude,
-        target=target,
-    )
+    return project_layer(x, weights, layout, positions, rows).decompose(target, norm)
 
 
 def budget_bound(
@@ -304,65 +401,56 @@ def budget_bound(
     layout: HeadLayout,
     fraction: float,
     norm: NormKind = "spectral",
+    rows: Rows | None = None,
 ) -> Tensor:
     """``B_weight`` with each head's ‖Δ‖ replaced by ``fraction · ‖W‖`` of the target head
-    slice: the residual a run may have if its delta were that large. ``(batch, head, i, j)``."""
+    slice: the residual a run may have if its delta were that large. ``(batch, head, i, j)``
+    over query ``rows`` ``(i0, i1)`` and keys ``j < i1`` (default all)."""
     w = weights.to(x.dtype, x.device)
     H, KV = layout.n_head, layout.n_kv_heads
+    i0, i1 = (0, x.shape[1]) if rows is None else rows
     return _weight_bound(
-        x,
+        x[:, i0:i1].norm(dim=-1),
+        x[:, :i1].norm(dim=-1),
         w,
         layout,
         norm,
         delta_q=fraction * w.head_norms("W_Q", H, norm),
         delta_k=fraction * w.head_norms("W_K", KV, norm),
-        sigmas=qk_norm_scales(x, w, layout),
+        sigmas=qk_norm_scales(x, w, layout, rows),
     )
 
 
 def qk_norm_scales(
-    x: Tensor, weights: LayerWeights, layout: HeadLayout
+    x: Tensor, weights: LayerWeights, layout: HeadLayout, rows: Rows | None = None
 ) -> tuple[Tensor, Tensor] | None:
     """QK-norm's per-(position, head) factors ``σ = 1 / sqrt(mean_e(q_h,e²) + eps)`` of the
     TARGET projections ``q = x Wᵀ + b`` (components and Δ together, as the model computes
     them): ``(batch, head, pos)`` for q and ``(batch, kv_head, pos)`` for k; None without
     QK-norm. The logit is ``s σ^Q_i σ^K_j <R_i(γ_Q ⊙ q_i), R_j(γ_K ⊙ k_j)>``: bilinear in the
-    projections with these factors fixed, so it splits over components exactly."""
+    projections with these factors fixed, so it splits over components exactly. With
+    ``rows`` ``(i0, i1)``: q at rows ``i0:i1``, k at positions ``:i1``."""
     if layout.qk_norm_eps is None:
         return None
     w = weights.to(x.dtype, x.device)
+    i0, i1 = (0, x.shape[1]) if rows is None else rows
 
-    def sigma(W: Tensor, b: Tensor | None, n: int) -> Tensor:
-        t = x @ W.T
+    def sigma(xs: Tensor, W: Tensor, b: Tensor | None, n: int) -> Tensor:
+        t = xs @ W.T
         if b is not None:
-            t = t + b.to(x.dtype)
+            t = t + b.to(xs.dtype)
         t = t.unflatten(-1, (n, layout.head_dim)).transpose(1, 2)
         return torch.rsqrt(t.pow(2).mean(-1) + layout.qk_norm_eps)
 
     return (
-        sigma(w.W_hat_Q + w.delta_Q, w.b_Q, layout.n_head),
-        sigma(w.W_hat_K + w.delta_K, w.b_K, layout.n_kv_heads),
+        sigma(x[:, i0:i1], w.W_hat_Q + w.delta_Q, w.b_Q, layout.n_head),
+        sigma(x[:, :i1], w.W_hat_K + w.delta_K, w.b_K, layout.n_kv_heads),
     )
 
 
-def _qk_norm_sigmas(q_comp, dq, bq, k_comp, dk, bk, w: LayerWeights, layout: HeadLayout):
-    """:func:`qk_norm_scales` from the unrotated head vectors (their sum is the target
-    projection), ``(batch, head, pos)`` per side, or None without QK-norm."""
-    if layout.qk_norm_eps is None:
-        return None
-    if w.gamma_Q is None or w.gamma_K is None:
-        raise ValueError("a QK-norm layout needs the weights' gamma_Q and gamma_K")
-    eps = layout.qk_norm_eps
-
-    def sigma(comp: Tensor, delta: Tensor, bias: Tensor | None) -> Tensor:
-        full = comp + delta if bias is None else comp + delta + bias
-        return torch.rsqrt(full.pow(2).mean(-1) + eps)
-
-    return sigma(q_comp, dq, bq), sigma(k_comp, dk, bk)
-
-
 def _weight_bound(
-    x: Tensor,
+    x_norm_q: Tensor,
+    x_norm_k: Tensor,
     w: LayerWeights,
     layout: HeadLayout,
     norm: NormKind,
@@ -370,13 +458,15 @@ def _weight_bound(
     delta_k: Tensor | None = None,
     sigmas: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
-    """``B_weight`` for every (batch, head, i, j); ‖Δ‖ per head measured unless given.
+    """``B_weight`` for every (batch, head, i, j) from ``|x_i|`` ``(batch, rows)`` and
+    ``|x_j|`` ``(batch, keys)``; ‖Δ‖ per head measured unless given.
     With QK-norm (``sigmas`` per side) each side's vectors are ``σ · diag(γ) (W x + b)``: the
     bound takes ``diag(γ)``'s norms (:meth:`LayerWeights.head_norms`) and is scaled by
     ``σ^Q_i σ^K_j``."""
     H, KV = layout.n_head, layout.n_kv_heads
-    key_of = torch.arange(H, device=x.device) // layout.group
-    zeros = torch.zeros(H, dtype=x.dtype, device=x.device)
+    dev, dtype = x_norm_q.device, x_norm_q.dtype
+    key_of = torch.arange(H, device=dev) // layout.group
+    zeros = torch.zeros(H, dtype=dtype, device=dev)
 
     def bias_norm(b: Tensor | None, gamma: Tensor | None, n: int) -> Tensor:
         if b is None:
@@ -389,7 +479,7 @@ def _weight_bound(
     if delta_k is None:
         delta_k = w.head_norms("delta_K", KV, norm)
     bound = weight_bound(
-        x.norm(dim=-1),
+        x_norm_q,
         w.head_norms("W_hat_Q", H, norm),
         w.head_norms("W_hat_K", KV, norm)[key_of],
         delta_q,
@@ -397,6 +487,7 @@ def _weight_bound(
         bias_norm(w.b_Q, w.gamma_Q, H),
         bias_norm(w.b_K, w.gamma_K, KV)[key_of],
         layout.scale,
+        x_norm_k=x_norm_k,
     )
     if sigmas is None:
         return bound
