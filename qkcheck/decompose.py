@@ -239,6 +239,7 @@ class SideVectors:
 
     def positions(self, lo: int, hi: int) -> SideVectors:
         """The vectors at positions ``lo ≤ t < hi`` (views, no copy)."""
+
         def cut(t: Tensor | None) -> Tensor | None:
             return None if t is None else t[..., lo:hi, :]
 

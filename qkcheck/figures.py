@@ -181,10 +181,8 @@ def item_plot_data(validator, layer: int, sample: int, query_pos: int) -> ItemPl
         k_label=spec.k_path,
     )
     if s.mode == "weighted":
-        g = validator.group(layer, sample)
         res = validator.item(layer, sample, i)
-        S = as_numpy(g.component_sum[:, i, : i + 1])
-        T = as_numpy(g.target[:, i, : i + 1])
+        S, T, B = (as_numpy(t) for t in validator.query_row(layer, sample, i))
         bias = extra.get("bias")
         data.target = T
         data.bias = np.zeros_like(S) if bias is None else as_numpy(bias)
@@ -204,7 +202,7 @@ def item_plot_data(validator, layer: int, sample: int, query_pos: int) -> ItemPl
             bound_label=label,
             component_sum=S,
             target=T,
-            bound=as_numpy(g.bound_map[:, i, : i + 1]),
+            bound=B,
         )
     return data
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from qkcheck.chunks import DEFAULT_MIB
+
 Kind = Literal[
     "text", "path", "int", "float", "choice", "samples", "layers", "query_pos", "device", "flag"
 ]
@@ -132,7 +134,11 @@ OPTIONS: tuple[Option, ...] = (
         "path",
     ),
     Option(
-        "--device", "device", "cpu", "torch device for the decomposition: cpu or cuda[:N]", "device"
+        "--device",
+        "device",
+        "cpu",
+        "torch device of the target forward pass and the decomposition: cpu or cuda[:N]",
+        "device",
     ),
     Option(
         "--dtype",
@@ -141,6 +147,15 @@ OPTIONS: tuple[Option, ...] = (
         "precision of the decomposition: float32 or float64",
         "choice",
         ("float32", "float64"),
+    ),
+    Option(
+        "--chunk-mib",
+        "chunk_mib",
+        DEFAULT_MIB,
+        "working memory of one (layer, sample) decomposition, MiB: query positions are "
+        "walked in chunks of rows under it (results do not depend on it)",
+        "int",
+        lo=1,
     ),
     Option(
         "--bound",

@@ -236,6 +236,8 @@ class Settings:
     artifacts_dir: Path | None = _default("artifacts_dir")
     device: str = _default("device")
     dtype: str = _default("dtype")
+    #: MiB of per-entry working memory per (layer, sample) group (qkcheck.chunks)
+    chunk_mib: int = _default("chunk_mib")
     bound: Bound = _default("bound")
     norm: Literal["spectral", "frobenius"] = _default("norm")
     delta_budget: float = _default("delta_budget")

@@ -1,14 +1,17 @@
 """The validation engine behind ``pytest validation/``: cached per (layer, sample) work.
 
-One target forward pass per batch of samples serves every layer. For a (layer, sample)
-group, one :func:`~qkcheck.decompose.decompose_layer` call gives every query position's
-terms; the per-item verdicts (closure, bound) are reduced from them at once, so a test
-item only indexes cached results. Nothing here imports pytest.
+One target forward pass per batch of samples serves every layer (on ``--device``, the
+model moved there once by the run). For a (layer, sample) group the layer is projected
+once (:func:`~qkcheck.decompose.project_layer`) and its query positions are walked in
+chunks of rows (:mod:`qkcheck.chunks`, under ``--chunk-mib``): each chunk's terms are
+decomposed and reduced at once to per-item verdicts (closure, bound) and run-level
+statistics, so a group keeps no ``(head, pos, pos)`` tensor and a test item only indexes
+cached results. :meth:`Validator.query_row` recomputes one query row for the figures.
+Nothing here imports pytest.
 """
 
 from __future__ import annotations
 
-import functools
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -16,14 +19,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from qkcheck.chunks import group_chunks
 from qkcheck.coverage import LayerCoverage, layer_coverage
 from qkcheck.decompose import (
     HeadLayout,
+    LayerDecomposition,
+    LayerProjections,
     LayerWeights,
     budget_bound,
     causal_mask,
     closure_tolerance,
-    decompose_layer,
+    project_layer,
 )
 from qkcheck.documents import PADDING, document_mask, document_positions
 from qkcheck.errors import UnsupportedError
@@ -115,17 +121,12 @@ class ItemResult:
 
 @dataclass
 class GroupResult:
-    """Everything computed once for a (layer, sample) and indexed by its items."""
+    """Everything computed once for a (layer, sample) and indexed by its items: per query
+    position and compact statistics only (a query row's terms: :meth:`Validator.query_row`)."""
 
     layer: int
     sample: int
     closure_tol: float
-    #: (head, query_pos, key_pos): component sum incl. bias, the target model's logits
-    component_sum: Tensor
-    target: Tensor
-    #: (head, query_pos, key_pos): the asserted bound B (``--bound``) at every entry — what
-    #: the validation figure draws as its ±B band
-    bound_map: Tensor
     #: per query position (query_pos,)
     closure_error: Tensor
     excess: Tensor
@@ -184,7 +185,9 @@ class Validator:
     """Validation of one run on chosen samples, layers and query positions.
 
     ``tokens`` ``(n_samples, pos)`` are the selected samples, ``sample_ids`` their indices
-    in the source. Read-only after construction apart from its caches.
+    in the source. Read-only after construction apart from its caches. The run's target
+    model is moved to ``settings.device`` (``run.to``): forward passes and decompositions
+    run there, results come back to the CPU.
     """
 
     def __init__(
@@ -195,7 +198,7 @@ class Validator:
         settings: Settings,
         document_ids: Tensor | None = None,
     ) -> None:
-        self.run = run
+        self.run = run.to(settings.device)
         self.settings = settings
         self.tokens = tokens
         #: (n_samples, pos) document ids aligned with ``tokens`` (qkcheck.documents), or None
@@ -212,8 +215,8 @@ class Validator:
         T = tokens.shape[1]
         self.query_positions = settings.query_pos.resolve(T, "query positions", "--query-pos")
         self._captures = _LRU(2)
-        self._groups = _LRU(4)
-        self._stats: dict[tuple[int, int], GroupResult] = {}
+        #: every group computed so far (compact: per query position and statistics)
+        self._groups: dict[tuple[int, int], GroupResult] = {}
         self._weights: dict[int, LayerWeights] = {}
         self._delta_fractions: dict[str, float] | None = None
         self.n_forward = 0
@@ -314,98 +317,83 @@ class Validator:
     # --- per (layer, sample) -------------------------------------------------------------
 
     def group(self, layer: int, sample: int) -> GroupResult:
+        """The (layer, sample) group's results, computed once (they are compact)."""
         key = (layer, sample)
-        g = self._groups.hit(key)
+        g = self._groups.get(key)
         if g is None:
-            g = self._compute_group(layer, sample)
-            self._groups.put(key, g)
-            self._stats[key] = _strip(g)
+            g = self._groups[key] = self._compute_group(layer, sample)
         return g
 
     def item(self, layer: int, sample: int, query_pos: int) -> ItemResult:
         return self.group(layer, sample).item(query_pos, self.settings.bound)
 
-    def _compute_group(self, layer: int, sample: int) -> GroupResult:
+    def query_row(self, layer: int, sample: int, i: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Query position ``i``'s component sum (components and bias), the target model's
+        logits and the asserted bound B (``--bound``), each ``(head, i + 1)`` over keys
+        ``0..i`` — what the validation figure draws — computed as the group computes that row
+        (a chunk of one row; only row ``i`` and keys ``≤ i`` are projected)."""
+        inp = self._group_inputs(layer, sample)
+        w, layout = self.weights(layer), self.layout(layer)
+        with torch.no_grad():
+            proj = project_layer(inp.x, w, layout, inp.positions, rows=(i, i + 1))
+            dec, chosen = self._block(inp, proj, i, i + 1)
+        S = dec.component_sum + dec.bias_terms
+        return S[0, :, 0].cpu(), dec.target[0, :, 0].cpu(), chosen[0, :, 0].cpu()
+
+    def _group_inputs(self, layer: int, sample: int) -> _GroupInputs:
         cap, row = self.capture(sample)
         dtype, dev = self.settings.torch_dtype, self.settings.device
         x = cap.attn_inputs[layer][row : row + 1].to(dtype=dtype, device=dev)
-        target = cap.logits[layer][row : row + 1].to(dtype=dtype, device=dev)
-        w, layout = self.weights(layer), self.layout(layer)
         T = x.shape[1]
-        positions, allowed = None, causal_mask(T, device=dev)[None]  # (1, i, j)
+        positions, allowed = None, causal_mask(T, device=dev)
         if self.document_ids is not None:  # restarted positions, same-document keys only
             ids = self.document_ids[self._row[sample]][None].to(dev)
-            positions, allowed = document_positions(ids)[0], document_mask(ids)
-        with torch.no_grad():
-            dec = decompose_layer(
-                x, w, layout, target=target, positions=positions, norm=self.settings.norm
+            positions, allowed = document_positions(ids)[0], document_mask(ids)[0]
+        return _GroupInputs(x, cap.logits[layer][row : row + 1], positions, allowed)
+
+    def _block(
+        self, inp: _GroupInputs, proj: LayerProjections, i0: int, i1: int
+    ) -> tuple[LayerDecomposition, Tensor]:
+        """Decomposition and asserted bound of query rows ``i0:i1`` against keys ``:i1``,
+        ``(1, head, i1 − i0, i1)``; the target block cast to the decomposition's precision."""
+        s = self.settings
+        target = inp.target[:, :, i0:i1, :i1].to(dtype=s.torch_dtype, device=s.device)
+        dec = proj.rows(i0, i1).decompose(target, s.norm)
+        if s.bound == "budget":
+            chosen = budget_bound(
+                inp.x, proj.weights, proj.layout, s.delta_budget, s.norm, rows=(i0, i1)
             )
-            if self.settings.bound == "budget":
-                chosen = budget_bound(x, w, layout, self.settings.delta_budget, self.settings.norm)
-            elif self.settings.bound == "data":
-                chosen = dec.data_bound
-            else:
-                chosen = dec.weight_bound
+        elif s.bound == "data":
+            chosen = dec.data_bound
+        else:
+            chosen = dec.weight_bound
+        return dec, chosen
+
+    def _compute_group(self, layer: int, sample: int) -> GroupResult:
+        inp = self._group_inputs(layer, sample)
+        dtype, dev = self.settings.torch_dtype, self.settings.device
+        w, layout = self.weights(layer), self.layout(layer)
+        T = inp.x.shape[1]
         # rounding of the target model (float32 at best) and of this computation
-        model_dtype = cap.logits[layer].dtype
+        model_dtype = inp.target.dtype
         worst_dtype = (
             model_dtype if torch.finfo(model_dtype).eps > torch.finfo(dtype).eps else dtype
         )
         tol = closure_tolerance(
             worst_dtype,
-            x.shape[-1],
+            inp.x.shape[-1],
             max(w.V_Q.shape[1], w.V_K.shape[1]),
             layout.head_dim,
             T,
         )
-        above = ~allowed  # (1, i, j): keys the query does not attend to
-        # the entries attended to (j ≤ i), as a boolean mask selects them
-        low = (
-            _lower_flat(T, dev)
-            if self.document_ids is None
-            else allowed[0].flatten().nonzero()[:, 0]
-        )
-        cerr = dec.closure_error[0].masked_fill(above, 0).amax(dim=(0, 2))
-        r = dec.residual[0]
-        r_abs = r.abs()
-        slack = tol * dec.magnitude[0]
-        excess = (r_abs - chosen[0] - slack).masked_fill(above, -torch.inf).amax(dim=(0, 2))
-        ratio = torch.where(
-            chosen[0] > 0, r_abs / chosen[0].clamp_min(1e-300), (r_abs > slack) * torch.inf
-        )
-        ratio = torch.nan_to_num(ratio.masked_fill(above, -1.0), nan=0.0, posinf=torch.inf)
-        H = ratio.shape[0]
-        flat = ratio.permute(1, 0, 2).reshape(T, H * T)  # (i, head·j)
-        best, where = flat.max(dim=1)
-        head, key = where // T, where % T
-        idx = torch.arange(T, device=dev)
-
-        def at(t: Tensor) -> Tensor:
-            return t[0][head, idx, key].cpu()
-
-        tgt_low = target[0].flatten(1)[:, low].double()
-        S = dec.component_sum + dec.bias_terms
-        return GroupResult(
-            layer=layer,
-            sample=sample,
-            closure_tol=tol,
-            component_sum=S[0].cpu(),
-            target=target[0].cpu(),
-            bound_map=chosen[0].cpu(),
-            closure_error=cerr.cpu(),
-            excess=excess.cpu(),
-            ratio=best.clamp_min(0).cpu(),
-            head=head.cpu(),
-            key=key.cpu(),
-            r=at(dec.residual),
-            bound=at(chosen),
-            data_bound=at(dec.data_bound),
-            weight_bound=at(dec.weight_bound),
-            abs_r=QuantileSketch().add(r_abs.flatten(1)[:, low].float().cpu().numpy()),
-            target_sum=float(tgt_low.sum()),
-            target_sumsq=float((tgt_low**2).sum()),
-            target_count=int(tgt_low.numel()),
-        )
+        rows = _GroupRows(T, dev)
+        itemsize = torch.finfo(dtype).bits // 8
+        with torch.no_grad():
+            proj = project_layer(inp.x, w, layout, inp.positions)  # O(T·d), once
+            for i0, i1 in group_chunks(T, layout.n_head, itemsize, self.settings.chunk_mib):
+                dec, chosen = self._block(inp, proj, i0, i1)
+                rows.reduce(dec, chosen, inp.allowed[i0:i1, :i1], tol)
+        return GroupResult(layer=layer, sample=sample, closure_tol=tol, **rows.results())
 
     # --- run-level quality ---------------------------------------------------------------
 
@@ -420,13 +408,7 @@ class Validator:
         ``abs_r_sketch`` (the sketch as a dict) and ``logit_moments`` (sum, sum of squares
         and count of the target logits).
         """
-        groups = []
-        for s in self.sample_ids:
-            g = self._stats.get((layer, s))
-            if g is None:
-                self.group(layer, s)
-                g = self._stats[(layer, s)]
-            groups.append(g)
+        groups = [self.group(layer, s) for s in self.sample_ids]
         sketch = QuantileSketch()
         for g in groups:
             sketch.merge(g.abs_r)
@@ -462,17 +444,87 @@ def _decomposed_only(
     return [i for i in layer_ids if i not in coverage.skipped]
 
 
-@functools.lru_cache(maxsize=4)
-def _lower_flat(n: int, device: torch.device | str) -> Tensor:
-    """Flat indices ``i·n + j`` of ``j ≤ i`` in row-major order — what a boolean causal
-    mask selects, without the ``nonzero`` it costs per call."""
-    i, j = torch.tril_indices(n, n, device=device)
-    return i * n + j
+@dataclass
+class _GroupInputs:
+    """A (layer, sample)'s inputs: attention input ``x`` ``(1, pos, d_model)`` (in the
+    decomposition's precision, on its device), the target's logits ``(1, head, pos, pos)``
+    as captured, rotary ``positions`` (None: ``0..pos-1``) and the ``(pos, pos)`` mask of
+    the keys each query attends to."""
+
+    x: Tensor
+    target: Tensor
+    positions: Tensor | None
+    allowed: Tensor
 
 
-def _strip(g: GroupResult) -> GroupResult:
-    """The compact part of a group kept for the whole session (no (head, i, j) tensors)."""
-    empty = torch.empty(0)
-    return GroupResult(
-        **{**g.__dict__, "component_sum": empty, "target": empty, "bound_map": empty}
-    )
+class _GroupRows:
+    """Per-row verdicts and run-level statistics of a group, reduced chunk by chunk.
+
+    For a chunk of query rows ``i0:i1`` against keys ``:i1``, entries the query does not
+    attend to are excluded from every reduction; per row: the worst closure error, the
+    largest ``|r| − B − slack`` (slack: the closure tolerance times the terms' magnitude),
+    the largest ``|r|/B`` and its (head, key), with ``r`` and the bounds there; over the
+    attended entries: ``|r|`` into the quantile sketch and the target's sum, sum of squares
+    and count. Each is a reduction over its own row, or a sum, so chunks change nothing.
+    """
+
+    def __init__(self, T: int, device: torch.device | str) -> None:
+        self.T, self.device = T, device
+        self.per_row: dict[str, list[Tensor]] = {}
+        self.sketch = QuantileSketch()
+        self.sum = self.sumsq = 0.0
+        self.count = 0
+
+    def reduce(self, dec: LayerDecomposition, chosen: Tensor, allowed: Tensor, tol: float) -> None:
+        above = ~allowed  # (rows, keys): keys the query does not attend to
+        n_rows, n_keys = allowed.shape
+        cerr = dec.closure_error[0].masked_fill(above, 0).amax(dim=(0, 2))
+        r_abs = dec.residual[0].abs()
+        slack = tol * dec.magnitude[0]
+        excess = (r_abs - chosen[0] - slack).masked_fill(above, -torch.inf).amax(dim=(0, 2))
+        ratio = torch.where(
+            chosen[0] > 0, r_abs / chosen[0].clamp_min(1e-300), (r_abs > slack) * torch.inf
+        )
+        del slack
+        ratio = torch.nan_to_num(ratio.masked_fill(above, -1.0), nan=0.0, posinf=torch.inf)
+        H = ratio.shape[0]
+        flat = ratio.permute(1, 0, 2).reshape(n_rows, H * n_keys)  # (i, head·j)
+        del ratio
+        best, where = flat.max(dim=1)
+        head, key = where // n_keys, where % n_keys
+        idx = torch.arange(n_rows, device=allowed.device)
+
+        def at(t: Tensor) -> Tensor:
+            return t[0][head, idx, key]
+
+        for name, t in (
+            ("closure_error", cerr),
+            ("excess", excess),
+            ("ratio", best.clamp_min(0)),
+            ("head", head),
+            ("key", key),
+            ("r", at(dec.residual)),
+            ("bound", at(chosen)),
+            ("data_bound", at(dec.data_bound)),
+            ("weight_bound", at(dec.weight_bound)),
+        ):
+            self.per_row.setdefault(name, []).append(t.cpu())
+        self.sketch.add(r_abs[:, allowed].float().cpu().numpy())
+        tgt = dec.target[0][:, allowed].double()
+        self.sum += float(tgt.sum())
+        self.sumsq += float((tgt**2).sum())
+        self.count += int(tgt.numel())
+
+    def results(self) -> dict[str, Any]:
+        """The :class:`GroupResult` fields reduced so far (every row, in order)."""
+        rows = {name: torch.cat(parts) for name, parts in self.per_row.items()}
+        n = rows["ratio"].shape[0]
+        if n != self.T:
+            raise RuntimeError(f"reduced {n} query rows of {self.T}")
+        return {
+            **rows,
+            "abs_r": self.sketch,
+            "target_sum": self.sum,
+            "target_sumsq": self.sumsq,
+            "target_count": self.count,
+        }

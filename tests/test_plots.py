@@ -200,9 +200,8 @@ def test_failing_and_passing_items_give_different_validation_figures(
         title = fig._suptitle.get_text()
         assert title.startswith("PASS" if res.passed else "FAIL (bound)"), title
         assert f"worst |r|/B_{res.bound_kind} = {res.ratio:.3g} at head {res.head}" in title
-        g = v.group(item[0], item[1])
-        B = g.bound_map[:, 40, :41].double().numpy()
-        r = (g.target - g.component_sum)[:, 40, :41].double().numpy()
+        S, T, B = (t.double().numpy() for t in v.query_row(item[0], item[1], 40))
+        r = T - S
         titles = [ax.get_title() for ax in fig.axes if ax.get_title().startswith("head")]
         for h, t in enumerate(titles):
             assert t.startswith(
@@ -232,9 +231,7 @@ def test_the_components_figures_lines_add_up_to_the_target(validator):
     from qkcheck.figures import _factors, component_curves
 
     layer, sample, i = 1, 3, 40
-    g = validator.group(layer, sample)
-    S = g.component_sum[:, i, : i + 1].double().numpy()
-    T = g.target[:, i, : i + 1].double().numpy()
+    S, T, _ = (t.double().numpy() for t in validator.query_row(layer, sample, i))
     f, extra = _factors(validator, layer, sample, i)
     Q, K = component_curves(f)
     bias = 0 if extra["bias"] is None else extra["bias"].double().numpy()
@@ -309,8 +306,7 @@ def test_hf_figures_add_up_to_the_decomposition_with_qk_norm_biases_and_fused_sl
     for layer in v.layers:
         i = 17
         data = item_plot_data(v, layer, 0, i)
-        g = v.group(layer, 0)
-        S = g.component_sum[:, i, : i + 1].double().numpy()
+        S = v.query_row(layer, 0, i)[0].double().numpy()
         np.testing.assert_allclose(data.total + data.bias, S, atol=1e-4, rtol=1e-4)
         assert np.abs(data.total).max() > 1e-2  # not vacuous
         if kind == "gpt2":

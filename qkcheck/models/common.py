@@ -188,6 +188,25 @@ class TargetModel(nn.Module):
             for i in range(self.n_layer)
         ]
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model's parameters are (:meth:`capture` runs there)."""
+        return next(self.parameters()).device
+
+    def on_device(
+        self, tokens: Tensor, document_ids: Tensor | None
+    ) -> tuple[Tensor, Tensor | None]:
+        """``tokens`` and ``document_ids`` checked (:meth:`check_tokens`, one id per token)
+        and moved to the model's :attr:`device`."""
+        self.check_tokens(tokens)
+        if document_ids is not None and tuple(document_ids.shape) != tuple(tokens.shape):
+            raise SamplesError(
+                f"document ids have shape {_shape(document_ids)}, tokens {_shape(tokens)}; "
+                "give one id per token"
+            )
+        dev = self.device
+        return tokens.to(dev), None if document_ids is None else document_ids.to(dev)
+
     def check_tokens(self, tokens: Tensor) -> None:
         """Raise SamplesError unless ``tokens`` is an integer ``(batch, pos)`` tensor it takes."""
         if not isinstance(tokens, Tensor) or tokens.dtype.is_floating_point or tokens.ndim != 2:
@@ -213,13 +232,9 @@ class TargetModel(nn.Module):
         block's input residual stream (``resid_pre``, before its norm) and the input of every
         Linear (keyed by module path, e.g. ``"h.0.attn.q_proj"``) — or only of those in
         ``modules``. ``document_ids`` ``(batch, pos)`` (-1: padding): positions restart per
-        document and attention stays within it (see :mod:`qkcheck.documents`)."""
-        self.check_tokens(tokens)
-        if document_ids is not None and tuple(document_ids.shape) != tuple(tokens.shape):
-            raise SamplesError(
-                f"document ids have shape {_shape(document_ids)}, tokens {_shape(tokens)}; "
-                "give one id per token"
-            )
+        document and attention stays within it (see :mod:`qkcheck.documents`). Runs on the
+        model's :attr:`device` (tokens moved there); the captured tensors stay there."""
+        tokens, document_ids = self.on_device(tokens, document_ids)
         self.document_ids = document_ids
         result = Capture()
         handles = []

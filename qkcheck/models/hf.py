@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from qkcheck.documents import document_mask, document_positions
-from qkcheck.errors import CheckpointError, ConfigError, SamplesError, UnsupportedError
+from qkcheck.errors import CheckpointError, ConfigError, UnsupportedError
 from qkcheck.models.base import AttentionSpec, Capture, QKNorm
 from qkcheck.models.common import TargetModel, _shape
 from qkcheck.models.hf_rope import hf_rotary
@@ -320,22 +320,19 @@ class HFTarget(TargetModel):
     ) -> Capture:
         """One no-grad forward pass of the transformers model (see TargetModel.capture).
         With ``document_ids`` the positions restart per document (``position_ids``) and the
-        mask is causal within a document (a padding query attends to itself only)."""
-        self.check_tokens(tokens)
-        if document_ids is not None and tuple(document_ids.shape) != tuple(tokens.shape):
-            raise SamplesError(
-                f"document ids have shape {_shape(document_ids)}, tokens {_shape(tokens)}; "
-                "give one id per token"
-            )
+        mask is causal within a document (a padding query attends to itself only). Runs on the
+        model's device (tokens moved there); the captured tensors stay there."""
+        tokens, ids = self.on_device(tokens, document_ids)
         result = Capture()
         position_ids = mask = None
-        if document_ids is not None:
-            ids = document_ids.to(tokens.device)
+        if ids is not None:
             position_ids = document_positions(ids)
             n = tokens.shape[1]
             eye = torch.eye(n, dtype=torch.bool, device=tokens.device)
             allowed = (document_mask(ids) | eye)[:, None]  # (batch, 1, i, j)
-            mask = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+            mask = torch.zeros(allowed.shape, device=tokens.device).masked_fill(
+                ~allowed, torch.finfo(torch.float32).min
+            )
         handles = []
         q_paths = {sp.q_path: sp.layer for sp in self.attention_specs()}
         blocks = {self.block_path(i): i for i in range(self.n_layer)}

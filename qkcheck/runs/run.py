@@ -217,7 +217,7 @@ class Run:
             return torch.eye(d_in, dtype=c.V.dtype), None
         W = self._target.get(f"{path}.weight")
         if W is None:  # an HF run whose checkpoint left the weights to the snapshot
-            W = self.model.get_submodule(path).weight.detach()
+            W = self.model.get_submodule(path).weight.detach().cpu()  # the model may be on a GPU
         if self._stores_transposed(path, W, (d_out, d_in)):  # Conv1D, embeddings: (d_in, d_out)
             W = W.T
         if tuple(W.shape) != (d_out, d_in):
@@ -287,7 +287,8 @@ class Run:
     ) -> Capture:
         """One forward pass over ``tokens`` ``(batch, pos)``: every layer's attention input and
         pre-softmax logits, and the input of every Linear (or only of those in ``modules``).
-        ``document_ids`` ``(batch, pos)``: see :mod:`qkcheck.documents`."""
+        ``document_ids`` ``(batch, pos)``: see :mod:`qkcheck.documents`. Runs where the model
+        is (:meth:`to`); the captured tensors are on that device."""
         tokens = check_tokens(tokens, vocab_size=self.vocab_size, n_ctx=self.n_ctx)
         return self.model.capture(tokens, modules, document_ids=document_ids)  # type: ignore[operator]
 
@@ -295,6 +296,13 @@ class Run:
         """``layer -> (batch, head, query_pos, key_pos)`` pre-softmax logits from the target
         model's own attention (entries above the diagonal unspecified)."""
         return self.capture(tokens).logits
+
+    def to(self, device: torch.device | str) -> Run:
+        """Run the target model on ``device`` from now on (moved once, in place; nothing
+        happens when it is there already): :meth:`capture` moves its tokens there and its
+        captures stay there. Weights and components are still returned on the CPU."""
+        self.model.to(device)
+        return self
 
     # --- causal importances ------------------------------------------------------------------
 
@@ -327,7 +335,7 @@ class Run:
         (default: every decomposed module). Pass ``capture`` to reuse a forward pass."""
         if capture is None:
             capture = self.capture(tokens, modules=self.module_paths)
-        inputs = dict(capture.module_inputs)
+        inputs = {p: t.cpu() for p, t in capture.module_inputs.items()}  # CI functions: CPU
         for path in self._components:
             if isinstance(self._submodule(path), nn.Embedding):
                 inputs[path] = check_tokens(tokens, vocab_size=self.vocab_size, n_ctx=self.n_ctx)

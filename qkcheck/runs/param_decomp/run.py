@@ -167,7 +167,8 @@ class ParamDecompRun:
     def _weight(self, path: str) -> tuple[Tensor, Tensor | None]:
         module = self.model.get_submodule(path)
         bias = getattr(module, "bias", None)
-        return module.weight.detach(), None if bias is None else bias.detach()
+        # on the CPU wherever the model runs (:meth:`to`)
+        return module.weight.detach().cpu(), None if bias is None else bias.detach().cpu()
 
     def _site(self, path: str) -> Site:
         try:
@@ -205,6 +206,11 @@ class ParamDecompRun:
 
     def target_attention_logits(self, tokens: Tensor) -> dict[int, Tensor]:
         return self.capture(tokens).logits
+
+    def to(self, device: torch.device | str) -> ParamDecompRun:
+        """Run the target model on ``device`` (see :meth:`Run.to`)."""
+        self.model.to(device)
+        return self
 
     # --- causal importances ------------------------------------------------------------------
 
