@@ -153,9 +153,10 @@ OPTIONS: tuple[Option, ...] = (
         "chunk_mib",
         DEFAULT_MIB,
         "working memory of one (layer, sample) decomposition, MiB: query positions are "
-        "walked in chunks of rows under it (results do not depend on it)",
-        "int",
-        lo=1,
+        "walked in chunks of rows under it, at least one row each (results do not depend "
+        "on it; 0: one row at a time)",
+        "float",
+        lo=0.0,
     ),
     Option(
         "--bound",

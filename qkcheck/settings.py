@@ -237,7 +237,7 @@ class Settings:
     device: str = _default("device")
     dtype: str = _default("dtype")
     #: MiB of per-entry working memory per (layer, sample) group (qkcheck.chunks)
-    chunk_mib: int = _default("chunk_mib")
+    chunk_mib: float = _default("chunk_mib")
     bound: Bound = _default("bound")
     norm: Literal["spectral", "frobenius"] = _default("norm")
     delta_budget: float = _default("delta_budget")
