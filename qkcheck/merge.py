@@ -37,7 +37,7 @@ from qkcheck.report import LAYER_STATS, merge_item_ratios, totals
 from qkcheck.sketch import QuantileSketch, residual_statistics
 
 #: settings that may differ between shards of one validation
-SHARD_SETTINGS = ("layers", "samples", "artifacts_dir")
+SHARD_SETTINGS = ("layers", "samples", "artifacts_dir", "chunk_mib")
 #: per-layer statistics of a layer's quality test (combined through the sketch, or refused)
 WHOLE_LAYER_STATS = LAYER_STATS
 #: the statistics recomputed from merged sketches and moments
