@@ -302,12 +302,15 @@ class Validator:
         cap = self._captures.hit(b)
         if cap is None:
             ids = self.document_ids
+            # Linear inputs only for binary mode's CI functions (a global one reads them all)
+            modules = None if self.settings.mode == "binary" else ()
             with torch.no_grad():
                 if ids is None:
-                    cap = self.run.capture(self.tokens[b * bs : (b + 1) * bs])
+                    cap = self.run.capture(self.tokens[b * bs : (b + 1) * bs], modules)
                 else:
                     cap = self.run.capture(
                         self.tokens[b * bs : (b + 1) * bs],
+                        modules,
                         document_ids=ids[b * bs : (b + 1) * bs],
                     )
             self.n_forward += 1

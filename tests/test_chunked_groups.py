@@ -81,7 +81,7 @@ class _LayerRun:
     def to(self, device):
         return self
 
-    def capture(self, tokens: torch.Tensor, document_ids: torch.Tensor | None = None) -> Capture:
+    def capture(self, tokens: torch.Tensor, modules=None, document_ids=None) -> Capture:
         rows = tokens[:, 0]
         x = self.x[rows]
         sp = self.spec
