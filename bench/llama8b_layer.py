@@ -35,6 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: tools/
 
+from bench.make_reference_run import decomposed
 from qkcheck.chunks import LIVE_BLOCKS, group_chunks
 from qkcheck.models import build_target_model
 from qkcheck.runs import load_run
@@ -53,7 +54,7 @@ from tools.spd_layout import (
 OUT = Path(__file__).resolve().parent / "out"
 D_MODEL, N_HEAD, N_KV_HEADS, HEAD_DIM, N_CTX = 4096, 32, 8, 128, 2048
 N_INTERMEDIATE, VOCAB, C = 14336, 512, 4096
-WEIGHT_STD, DELTA_FRACTION = 0.02, 0.10
+WEIGHT_STD = 0.02  # q/k entry std (‖Δ‖/‖W‖ 0.1, as make_reference_run.py)
 CI_HIDDEN = 16
 SPD_STEP, PRETRAIN_STEP = 1000, 1
 #: a budget no group reaches: one chunk, the whole square at once
@@ -100,15 +101,10 @@ def build(out: Path, seed: int = 0) -> None:
     components, ci_layers = {}, {}
     for name in ("q_proj", "k_proj"):
         path = f"h.0.attn.{name}"
-        d_out, d_in = target[f"{path}.weight"].shape
-        V = torch.randn(d_in, C, generator=g) / math.sqrt(d_in)
-        U = torch.randn(C, d_out, generator=g) * WEIGHT_STD * math.sqrt(d_in / C)
-        W_hat = (V @ U).T
-        D = torch.randn(d_out, d_in, generator=g)
-        f = DELTA_FRACTION
-        D *= f * W_hat.norm() / math.sqrt(1 - f * f) / D.norm()
-        target[f"{path}.weight"] = W_hat + D
+        W, V, U = decomposed(tuple(target[f"{path}.weight"].shape), C, g, WEIGHT_STD)
+        target[f"{path}.weight"] = W
         components[path] = (V, U)
+        d_in = V.shape[0]
         W0 = torch.randn(d_in, CI_HIDDEN, generator=g) / math.sqrt(d_in)
         W2 = torch.randn(CI_HIDDEN, C, generator=g) / math.sqrt(CI_HIDDEN)
         ci_layers[path] = [(W0, torch.zeros(CI_HIDDEN)), (W2, torch.zeros(C))]

@@ -100,15 +100,20 @@ def spd_config(pretrain_checkpoint: Path) -> dict:
     }
 
 
-def decomposed(W_shape: tuple[int, int], C: int, g: torch.Generator) -> tuple:
-    """``(W, V, U)`` with ``(V U)ᵀ`` of entry std WEIGHT_STD and ``‖W − (V U)ᵀ‖ = f‖W‖``."""
+def decomposed(
+    W_shape: tuple[int, int],
+    C: int,
+    g: torch.Generator,
+    weight_std: float = WEIGHT_STD,
+    f: float = DELTA_FRACTION,
+) -> tuple:
+    """``(W, V, U)`` with ``(V U)ᵀ`` of entry std ``weight_std`` and ``‖W − (V U)ᵀ‖ = f‖W‖``."""
     d_out, d_in = W_shape
     V = torch.randn(d_in, C, generator=g) / math.sqrt(d_in)
-    U = torch.randn(C, d_out, generator=g) * WEIGHT_STD * math.sqrt(d_in / C)
+    U = torch.randn(C, d_out, generator=g) * weight_std * math.sqrt(d_in / C)
     W_hat = (V @ U).T
     D = torch.randn(d_out, d_in, generator=g)
     # ‖Δ‖ = f ‖W_hat + Δ‖ ≈ f √(‖W_hat‖² + ‖Δ‖²) for a random Δ  ⇒  ‖Δ‖ = f ‖W_hat‖ / √(1 − f²)
-    f = DELTA_FRACTION
     D *= f * W_hat.norm() / math.sqrt(1 - f * f) / D.norm()
     return W_hat + D, V, U
 

@@ -10,6 +10,7 @@ QK-norm and documents (restarted positions, same-document masks) through a minim
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -87,18 +88,10 @@ class _LayerRun:
         sp = self.spec
         eps = None if sp.qk_norm is None else sp.qk_norm.eps
         layout = HeadLayout(sp.n_head, sp.n_kv_heads, sp.head_dim, sp.scale, sp.rotary, eps)
-        w = LayerWeights.from_target(
-            self.V_Q,
-            self.U_Q,
-            self.V_K,
-            self.U_K,
-            self.W_Q,
-            self.W_K,
-            self.b_Q,
-            self.b_K,
-            gamma_Q=None if sp.qk_norm is None else sp.qk_norm.gamma_q,
-            gamma_K=None if sp.qk_norm is None else sp.qk_norm.gamma_k,
-        )
+        q = self.spec.qk_norm
+        gammas = (None, None) if q is None else (q.gamma_q, q.gamma_k)
+        sides = (self.V_Q, self.U_Q, self.V_K, self.U_K, self.W_Q, self.W_K, self.b_Q, self.b_K)
+        w = LayerWeights.from_target(*sides, *gammas)
         logits = []
         for n, r in enumerate(rows.tolist()):
             pos = None if document_ids is None else document_positions(document_ids[n : n + 1])[0]
@@ -216,7 +209,7 @@ def test_query_row_is_the_groups_row():
 def test_query_chunks_cover_every_row_once_within_the_budget(n_pos, cap):
     chunks = query_chunks(n_pos, 3, 3 * cap)
     assert chunks[0][0] == 0 and chunks[-1][1] == n_pos
-    assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:], strict=False))
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(chunks))
     for i0, i1 in chunks:
         assert i1 > i0
         assert (i1 - i0) * i1 <= cap or i1 - i0 == 1  # within budget, or a single row
