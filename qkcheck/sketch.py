@@ -24,6 +24,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+import torch
 
 #: default relative accuracy of :meth:`QuantileSketch.quantile`
 ALPHA = 0.005
@@ -46,21 +47,30 @@ class QuantileSketch:
         self.max = -math.inf
 
     def add(self, values: Any) -> QuantileSketch:
-        """Count every value of ``values`` (array-like, ≥ 0, finite); returns ``self``."""
-        x = np.asarray(values, dtype=np.float64).reshape(-1)
-        if not x.size:
+        """Count every value of ``values`` (array-like, ≥ 0, finite); returns ``self``. A
+        torch tensor is bucketed where it lies (a GPU's values never cross to the host:
+        only the occupied buckets' counts do), in float64 as an array is."""
+        if isinstance(values, torch.Tensor):
+            return self._add_counts(values.detach().reshape(-1).double(), torch)
+        return self._add_counts(np.asarray(values, dtype=np.float64).reshape(-1), np)
+
+    def _add_counts(self, x, xp) -> QuantileSketch:
+        """:meth:`add` for a flat float64 array of module ``xp`` (numpy or torch)."""
+        if not x.shape[0]:
             return self
-        if not np.isfinite(x).all() or (x < 0).any():
+        if not bool(xp.isfinite(x).all()) or bool((x < 0).any()):
             raise ValueError("QuantileSketch takes finite values ≥ 0")
         positive = x[x > ZERO]
-        self.zeros += int(x.size - positive.size)
-        if positive.size:  # bucket keys span a few thousand values: count them, don't sort
-            keys = np.ceil(np.log(positive) / self._log_gamma).astype(np.int64)
+        self.zeros += int(x.shape[0] - positive.shape[0])
+        if positive.shape[0]:  # bucket keys span a few thousand values: count them, don't sort
+            keys = xp.ceil(xp.log(positive) / self._log_gamma)
+            keys = keys.astype(np.int64) if xp is np else keys.long()
             lo = int(keys.min())
-            counts = np.bincount(keys - lo)
-            for k in np.flatnonzero(counts).tolist():
-                self.buckets[k + lo] = self.buckets.get(k + lo, 0) + int(counts[k])
-        self.count += int(x.size)
+            counts = xp.bincount(keys - lo)
+            occupied = xp.flatnonzero(counts) if xp is np else counts.nonzero()[:, 0]
+            for k, c in zip(occupied.tolist(), counts[occupied].tolist(), strict=True):
+                self.buckets[k + lo] = self.buckets.get(k + lo, 0) + int(c)
+        self.count += int(x.shape[0])
         self.min = min(self.min, float(x.min()))
         self.max = max(self.max, float(x.max()))
         return self

@@ -512,7 +512,7 @@ class _GroupRows:
             ("weight_bound", at(dec.weight_bound)),
         ):
             self.per_row.setdefault(name, []).append(t.cpu())
-        self.sketch.add(r_abs[:, allowed].float().cpu().numpy())
+        self.sketch.add(r_abs[:, allowed].float())  # bucketed on the device
         tgt = dec.target[0][:, allowed].double()
         self.sum += float(tgt.sum())
         self.sumsq += float((tgt**2).sum())

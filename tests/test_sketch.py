@@ -68,3 +68,21 @@ def test_bad_input_is_refused():
         QuantileSketch().quantile(0.5)
     with pytest.raises(ValueError, match="cannot merge"):
         QuantileSketch(0.01).merge(QuantileSketch(0.02))
+
+
+def test_a_tensor_is_bucketed_as_its_array_is():
+    """The validator hands |r| over as a tensor (bucketed where it lies): same sketch."""
+    import torch
+
+    rng = np.random.default_rng(3)
+    x = (np.abs(rng.standard_normal(5000)) * 10.0 ** rng.integers(-9, 4, 5000)).astype(np.float32)
+    x[:7] = 0
+    a, b = QuantileSketch().add(x), QuantileSketch().add(torch.from_numpy(x))
+    assert (
+        a == b and a.buckets == b.buckets and (a.zeros, a.count) == (b.zeros, b.count) == (7, 5000)
+    )
+    assert (a.min, a.max) == (b.min, b.max)
+    with pytest.raises(ValueError, match="finite"):
+        QuantileSketch().add(torch.tensor([1.0, float("nan")]))
+    with pytest.raises(ValueError, match="finite"):
+        QuantileSketch().add(torch.tensor([-1.0]))
