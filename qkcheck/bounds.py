@@ -37,8 +37,14 @@ def data_bound(q_hat: Tensor, k_hat: Tensor, dq: Tensor, dk: Tensor, scale: floa
     """``B_data`` from head vectors: q-side ``(batch, head, i, d_head)`` at the query rows
     wanted, k-side already expanded to query heads ``(batch, head, j, d_head)`` at their
     keys. Returns ``(batch, head, i, j)``."""
-    nq, nk = q_hat.norm(dim=-1), k_hat.norm(dim=-1)
-    ndq, ndk = dq.norm(dim=-1), dk.norm(dim=-1)
+    return data_bound_norms(
+        q_hat.norm(dim=-1), k_hat.norm(dim=-1), dq.norm(dim=-1), dk.norm(dim=-1), scale
+    )
+
+
+def data_bound_norms(nq: Tensor, nk: Tensor, ndq: Tensor, ndk: Tensor, scale: float) -> Tensor:
+    """``B_data`` from the vectors' norms ``|q̂_i|``, ``|k̂_j|``, ``|Δq_i|``, ``|Δk_j|``
+    (``(batch, head, i)`` and ``(batch, head, j)``). Returns ``(batch, head, i, j)``."""
     outer = _outer
     return abs(scale) * (outer(nq, ndk) + outer(ndq, nk) + outer(ndq, ndk))
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import Tensor
 
-from qkcheck.bounds import NormKind, data_bound, head_norms, weight_bound
+from qkcheck.bounds import NormKind, data_bound_norms, head_norms, weight_bound
 from qkcheck.rotary import RotaryConfig, rotate
 
 
@@ -236,6 +236,17 @@ class SideVectors:
     delta: Tensor
     x_norm: Tensor
     sigma: Tensor | None
+    #: ``hat + delta`` (the target's vector) and the norms ``|hat|``, ``|delta|``
+    #: ``(batch, heads, pos)``, made once: every block of rows reads them
+    full: Tensor
+    hat_norm: Tensor
+    delta_norm: Tensor
+
+    @classmethod
+    def of(cls, comp, hat, bias, delta, x_norm, sigma) -> SideVectors:
+        return cls(
+            comp, hat, bias, delta, x_norm, sigma, hat + delta, hat.norm(dim=-1), delta.norm(dim=-1)
+        )
 
     def positions(self, lo: int, hi: int) -> SideVectors:
         """The vectors at positions ``lo ≤ t < hi`` (views, no copy)."""
@@ -243,13 +254,19 @@ class SideVectors:
         def cut(t: Tensor | None) -> Tensor | None:
             return None if t is None else t[..., lo:hi, :]
 
+        def cut_norm(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t[..., lo:hi]
+
         return SideVectors(
             cut(self.comp),
             cut(self.hat),
             cut(self.bias),
             cut(self.delta),
             self.x_norm[:, lo:hi],
-            None if self.sigma is None else self.sigma[..., lo:hi],
+            cut_norm(self.sigma),
+            cut(self.full),
+            cut_norm(self.hat_norm),
+            cut_norm(self.delta_norm),
         )
 
 
@@ -290,17 +307,16 @@ class LayerProjections:
                 bias_terms += s * scores(q.comp, k.bias)
             if q.bias is not None:
                 bias_terms += s * scores(q.bias, k.hat)
-        delta_terms = s * (scores(q.hat, k.delta) + scores(q.delta, k.hat + k.delta))
+        delta_terms = s * (scores(q.hat, k.delta) + scores(q.delta, k.full))
         resid = (target if target is not None else component_sum + bias_terms + delta_terms) - (
             component_sum + bias_terms
         )
         group = layout.group
-        k_hat_h = k.hat.repeat_interleave(group, dim=1)
-        dk_h = k.delta.repeat_interleave(group, dim=1)
-        b_data = data_bound(q.hat, k_hat_h, q.delta, dk_h, s)
-        q_size = q.hat.norm(dim=-1) + q.delta.norm(dim=-1)
-        k_size = k_hat_h.norm(dim=-1) + dk_h.norm(dim=-1)
-        magnitude = abs(s) * q_size[..., :, None] * k_size[..., None, :]
+        nk = k.hat_norm.repeat_interleave(group, dim=1)  # key norms per query head
+        ndk = k.delta_norm.repeat_interleave(group, dim=1)
+        b_data = data_bound_norms(q.hat_norm, nk, q.delta_norm, ndk, s)
+        q_size = q.hat_norm + q.delta_norm
+        magnitude = abs(s) * q_size[..., :, None] * (nk + ndk)[..., None, :]
         sigmas = None if q.sigma is None else (q.sigma, k.sigma)
         b_weight = _weight_bound(q.x_norm, k.x_norm, self.weights, layout, norm, sigmas=sigmas)
         return LayerDecomposition(
@@ -372,7 +388,7 @@ def _side(
     hat = rot(comp + bias) if bias is not None else rot(comp)
     comp_r = hat if bias is None else rot(comp)
     bias_r = None if bias is None else rot(bias.expand_as(comp))
-    return SideVectors(comp_r, hat, bias_r, rot(dv), x.norm(dim=-1), sigma)
+    return SideVectors.of(comp_r, hat, bias_r, rot(dv), x.norm(dim=-1), sigma)
 
 
 def decompose_layer(
