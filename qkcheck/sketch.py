@@ -54,11 +54,13 @@ class QuantileSketch:
             raise ValueError("QuantileSketch takes finite values ≥ 0")
         positive = x[x > ZERO]
         self.zeros += int(x.size - positive.size)
-        keys, counts = np.unique(
-            np.ceil(np.log(positive) / self._log_gamma).astype(np.int64), return_counts=True
-        )
-        for k, c in zip(keys.tolist(), counts.tolist(), strict=True):
-            self.buckets[k] = self.buckets.get(k, 0) + c
+        if positive.size:
+            # bucket keys counted in linear time (no sort): one bincount over the key range
+            keys = np.ceil(np.log(positive) / self._log_gamma).astype(np.int64)
+            lo = int(keys.min())
+            counts = np.bincount(keys - lo)
+            for i in np.flatnonzero(counts).tolist():
+                self.buckets[lo + i] = self.buckets.get(lo + i, 0) + int(counts[i])
         self.count += int(x.size)
         self.min = min(self.min, float(x.min()))
         self.max = max(self.max, float(x.max()))
