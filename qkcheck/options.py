@@ -205,7 +205,7 @@ OPTIONS: tuple[Option, ...] = (
         None,
         "compare residual statistics against this stored baseline (validation/baselines/NAME/)",
     ),
-    Option("--qk-batch-size", "batch_size", 4, "samples per target forward pass", "int", lo=1),
+    Option("--qk-batch-size", "batch_size", 1, "samples per target forward pass", "int", lo=1),
     Option(
         "--doc-ids",
         "doc_ids",

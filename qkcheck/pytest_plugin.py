@@ -79,6 +79,7 @@ class _State:
         self.report_error: str | None = None
         self._previous_sigterm: Any = None
         self.measured = None  # qkcheck.gate.Measured, built by the first qk_baseline
+        self.running: pytest.Item | None = None  # the test being called (qk_record's target)
 
     @property
     def validator(self):
@@ -468,10 +469,16 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
     gate = pytest.mark.qk_gate
     if "qk_item" in names:
+        marks: dict[tuple[int, int], pytest.MarkDecorator] = {}  # one per group, shared
+
+        def group_mark(layer: int, sample: int) -> pytest.MarkDecorator:
+            mark = marks.get((layer, sample))
+            if mark is None:
+                mark = marks[(layer, sample)] = pytest.mark.xdist_group(f"L{layer}-S{sample}")
+            return mark
+
         params = [
-            pytest.param(
-                item, id=item_id(*item), marks=pytest.mark.xdist_group(f"L{item[0]}-S{item[1]}")
-            )
+            pytest.param(item, id=item_id(*item), marks=group_mark(item[0], item[1]))
             for item in v.items()
         ]
         metafunc.parametrize("qk_item", params)
@@ -502,13 +509,15 @@ def qk_settings(request: pytest.FixtureRequest):
     return _state(request.config).settings
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def qk_record(request: pytest.FixtureRequest):
-    """``qk_record(kind, data)``: record an item's (``"item"``) or a layer's (``"layer"``)
-    results for the end-of-session summary."""
+    """``qk_record(kind, data)``: record the running test's item (``"item"``) or layer
+    (``"layer"``) results for the end-of-session summary. Session-scoped (a function-scoped
+    fixture costs every one of 40k items its setup): it records on the test being run."""
+    state = _state(request.config)
 
     def record(kind: str, data: dict[str, Any]) -> None:
-        request.node.stash.setdefault(_RECORD, {})[kind] = data
+        state.running.stash.setdefault(_RECORD, {})[kind] = data
 
     return record
 
@@ -536,6 +545,14 @@ def qk_baseline(request: pytest.FixtureRequest, qk, qk_settings, qk_record):
 
 
 # --- artifacts: figures of the worst items, drawn at session end -----------------------------
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_call(item: pytest.Item) -> None:
+    """The test ``qk_record`` records on."""
+    state = item.config.stash.get(_STATE, None)
+    if state is not None:
+        state.running = item
 
 
 @pytest.hookimpl(hookwrapper=True)

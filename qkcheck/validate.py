@@ -13,7 +13,7 @@ Nothing here imports pytest.
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -142,25 +142,36 @@ class GroupResult:
     target_sum: float
     target_sumsq: float
     target_count: int
+    #: the per-query tensors as lists, built by the first :meth:`item`
+    _rows: dict[str, list] | None = field(default=None, repr=False, compare=False)
 
     def item(self, query_pos: int, bound_kind: str) -> ItemResult:
+        rows = self._rows
+        if rows is None:  # per-query values as Python numbers, once per group (not per item)
+            rows = self._rows = {f: getattr(self, f).tolist() for f in _PER_QUERY}
         i = query_pos
         return ItemResult(
             layer=self.layer,
             sample=self.sample,
             query_pos=i,
-            closure_error=float(self.closure_error[i]),
             closure_tol=self.closure_tol,
-            ratio=float(self.ratio[i]),
-            excess=float(self.excess[i]),
-            head=int(self.head[i]),
-            key=int(self.key[i]),
-            r=float(self.r[i]),
-            bound=float(self.bound[i]),
-            data_bound=float(self.data_bound[i]),
-            weight_bound=float(self.weight_bound[i]),
             bound_kind=bound_kind,
+            **{f: rows[f][i] for f in _PER_QUERY},
         )
+
+
+#: GroupResult's per-query fields, named as ItemResult's
+_PER_QUERY = (
+    "closure_error",
+    "ratio",
+    "excess",
+    "head",
+    "key",
+    "r",
+    "bound",
+    "data_bound",
+    "weight_bound",
+)
 
 
 class _LRU(OrderedDict):
@@ -214,7 +225,7 @@ class Validator:
         self.specs: dict[int, AttentionSpec] = {i: specs[i] for i in layer_ids}
         T = tokens.shape[1]
         self.query_positions = settings.query_pos.resolve(T, "query positions", "--query-pos")
-        self._captures = _LRU(2)
+        self._captures = _LRU(1)  # items come sample-major
         #: every group computed so far (compact: per query position and statistics)
         self._groups: dict[tuple[int, int], GroupResult] = {}
         self._weights: dict[int, LayerWeights] = {}
@@ -302,17 +313,15 @@ class Validator:
         cap = self._captures.hit(b)
         if cap is None:
             ids = self.document_ids
-            # Linear inputs only for binary mode's CI functions (a global one reads them all)
-            modules = None if self.settings.mode == "binary" else ()
+            # weighted mode reads only attention inputs and logits; binary mode's CI
+            # functions read the decomposed modules' inputs too
+            modules = () if self.settings.mode == "weighted" else None
             with torch.no_grad():
-                if ids is None:
-                    cap = self.run.capture(self.tokens[b * bs : (b + 1) * bs], modules)
-                else:
-                    cap = self.run.capture(
-                        self.tokens[b * bs : (b + 1) * bs],
-                        modules,
-                        document_ids=ids[b * bs : (b + 1) * bs],
-                    )
+                cap = self.run.capture(
+                    self.tokens[b * bs : (b + 1) * bs],
+                    modules,
+                    document_ids=None if ids is None else ids[b * bs : (b + 1) * bs],
+                )
             self.n_forward += 1
             self._captures.put(b, cap)
         return cap, row - b * bs
