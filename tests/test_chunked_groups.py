@@ -22,19 +22,9 @@ from qkcheck.documents import document_positions
 from qkcheck.models.base import AttentionSpec, Capture, QKNorm
 from qkcheck.rotary import RotaryConfig
 from qkcheck.settings import Settings
-from qkcheck.validate import GroupResult, Validator
+from qkcheck.validate import _PER_QUERY, GroupResult, Validator
 
-PER_ROW = (
-    "closure_error",
-    "excess",
-    "ratio",
-    "head",
-    "key",
-    "r",
-    "bound",
-    "data_bound",
-    "weight_bound",
-)
+PER_ROW = _PER_QUERY  # every per-query field of a GroupResult
 #: the budgets compared with one chunk: one row at a time, and uneven chunks of many rows
 SMALL_MIB = (0.0, 0.02)
 ONE_CHUNK_MIB = 1e6
