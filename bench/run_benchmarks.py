@@ -1,24 +1,26 @@
 """qkcheck at the reference run's scale, side by side with its floors, in one run.
 
-    python bench/run_benchmarks.py            # about 12 min on 2 idle cores
+    python bench/run_benchmarks.py            # about 10 min on 2 idle cores
 
 Builds ``bench/out/ref`` (bench/make_reference_run.py) unless present, then measures:
 
 (a)  ``pytest validation/ --run-id bench/out/ref --samples 20 --plots none``: 4 layers × 20
      samples × 512 query positions = 40,960 items (+ 12 run-level quality items), serial,
      exactly as typed;
-(a1) the same with ``OMP_NUM_THREADS=1`` and ``-p no:logging`` (the two costs profiling
-     found; see docs/benchmarks.md);
+(a1) with ``--tuned``: the same with ``OMP_NUM_THREADS=1`` and ``-p no:logging``;
 (b)  the floor: a generated suite with the same test names, ids and item count whose tests
      ``assert True`` (``bench/out/floor/``), in the same interpreter, config and plugins;
-(c)  figures (combined + validation) of ``--figure-items`` items (every layer × the first
-     samples, last query position) through qkcheck (bench/figure_items.py), against
-(d)  the reference script's dense method, top-N lists checked identical;
-(e)  (a1) with ``-n 2 --dist loadgroup`` (pytest-xdist), and
+(c)  with ``--figure-items N``: figures (combined + validation) of N items through qkcheck
+     (bench/figure_items.py), against
+(d)  the reference script's dense method, top-N lists checked identical (the figures'
+     own before/after benchmark is bench/figure_speed.py);
+(e)  (a) with ``-n 2`` (pytest-xdist; qkcheck makes it ``--dist loadgroup``), and
 (f)  (b) with ``-n 2``: what xdist costs per item on its own;
-(g)  (a1) as two ``--layers`` shards run at once as two processes, merged with
+(g)  (a) as two ``--layers`` shards run at once as two processes, merged with
      ``python -m qkcheck.merge`` (the sharding recipe, on one machine), checked equal to
-     (a1)'s summary apart from settings and paths.
+     (a)'s summary apart from settings and paths.
+
+Targets (issue 12): (a)/(b) wall ≤ 1.3, (a)/(b) peak RSS ≤ 3, (e)/(f) wall ≤ 1.3.
 
 (a), (a1) and (b) alternate in rounds so that a busy machine slows them alike; the report
 takes medians over rounds. Every command runs in its own process: wall time, CPU time and
@@ -50,12 +52,20 @@ BENCH = ROOT / "bench"
 OUT = BENCH / "out"
 
 TARGETS = {
-    "suite_over_floor": 1.5,  # (a)/(b) wall, at most
+    "suite_over_floor": 1.3,  # (a)/(b) wall, at most
+    "rss_over_floor": 3.0,  # (a)/(b) peak RSS, at most
+    "xdist_over_floor": 1.3,  # (e)/(f) wall, at most
     "collection_s": 15.0,  # collecting 40,960 items, at most
-    "figures_speedup": 10.0,  # (d)/(c) wall, at least
-    "figures_memory": 0.1,  # (c)/(d) peak memory, at most
-    "xdist_speedup": 1.6,  # (a)/(e) wall, at least
+    "figures_speedup": 10.0,  # (d)/(c) wall, at least (with --figure-items)
+    "figures_memory": 0.1,  # (c)/(d) peak memory, at most (with --figure-items)
 }
+AT_MOST = (
+    "suite_over_floor",
+    "rss_over_floor",
+    "xdist_over_floor",
+    "collection_s",
+    "figures_memory",
+)
 
 
 # --- measuring one command ---------------------------------------------------------------------
@@ -305,6 +315,7 @@ def summarize(res: dict) -> dict:
         [x["wall_s"] / y["wall_s"] for x, y in zip(runs["a"], runs["b"], strict=False)]
     )
     s["suite_over_floor_cpu"] = v["a"]["cpu"] / v["b"]["cpu"]
+    s["rss_over_floor"] = v["a"]["rss"] / v["b"]["rss"]
     if "a1" in v:
         s["tuned_over_floor"] = v["a1"]["wall"] / v["b"]["wall"]
         s["tuned_over_floor_paired"] = med(
@@ -313,12 +324,14 @@ def summarize(res: dict) -> dict:
     s["collection_s"] = v["a"]["collection"]
     s["collect_only_wall"] = res["collect_only"]["wall_s"]
     if "e" in v:
-        serial = v["a1"] if "a1" in v else v["a"]
-        s["xdist_speedup"] = serial["wall"] / v["e"]["wall"]
+        s["xdist_speedup"] = v["a"]["wall"] / v["e"]["wall"]
     if "f" in v:
         s["floor_xdist_speedup"] = v["b"]["wall"] / v["f"]["wall"]
+    if "e" in v and "f" in v:
+        s["xdist_over_floor"] = v["e"]["wall"] / v["f"]["wall"]
+        s["xdist_over_floor_cpu"] = v["e"]["cpu"] / v["f"]["cpu"]
     if "g" in v:
-        serial = v["a1"] if "a1" in v else v["a"]
+        serial = v["a"]
         s["shards_speedup"] = serial["wall"] / v["g"]["wall"]
         s["shards_merge_equal"] = all(m.get("merge_equals_whole") for m in runs["g"])
     fig = res.get("figures")
@@ -340,7 +353,7 @@ def summarize(res: dict) -> dict:
     for key, target in TARGETS.items():
         if key not in s:
             continue
-        at_most = key in ("suite_over_floor", "collection_s", "figures_memory")
+        at_most = key in AT_MOST
         ok = s[key] <= target if at_most else s[key] >= target
         verdicts[key] = {"value": s[key], "target": target, "at_most": at_most, "met": ok}
     s["verdicts"] = verdicts
@@ -351,9 +364,9 @@ LABELS = {
     "a": "(a) `pytest validation/ … --plots none`",
     "a1": "(a1) (a) with `OMP_NUM_THREADS=1 … -p no:logging`",
     "b": "(b) floor: same ids, `assert True`",
-    "e": "(e) (a1) with `-n 2 --dist loadgroup`",
+    "e": "(e) (a) with `-n 2` (qkcheck picks `--dist loadgroup`)",
     "f": "(f) (b) with `-n 2`",
-    "g": "(g) (a1) as two `--layers` shards in parallel processes + merge",
+    "g": "(g) (a) as two `--layers` shards in parallel processes + merge",
 }
 
 
@@ -391,10 +404,11 @@ def markdown(res: dict, s: dict) -> str:
         ]
     names = {
         "suite_over_floor": "(a)/(b) wall",
+        "rss_over_floor": "(a)/(b) peak RSS",
+        "xdist_over_floor": "(e)/(f) wall: `-n 2` suite over `-n 2` floor",
         "collection_s": f"collection of {res['n_items']:,} items inside (a), s",
         "figures_speedup": "(d)/(c) wall, figures",
         "figures_memory": "(c)/(d) peak RSS, figures",
-        "xdist_speedup": "(a1)/(e): `-n 2` speed-up",
     }
     lines += ["", "| target | measured | target | met |", "|---|---|---|---|"]
     for key, x in s["verdicts"].items():
@@ -413,10 +427,15 @@ def markdown(res: dict, s: dict) -> str:
         )
     if "floor_xdist_speedup" in s:
         extra.append(f"floor (b)/(f), xdist on trivial items: {s['floor_xdist_speedup']:.3g}")
+    if "xdist_over_floor_cpu" in s:
+        extra.append(
+            f"CPU (e)/(f): {s['xdist_over_floor_cpu']:.3g}; (a)/(e), what `-n 2` gains the "
+            f"suite: {s['xdist_speedup']:.3g}"
+        )
     if "shards_speedup" in s:
         extra.append(
-            f"(a1)/(g), two --layers shards in parallel: {s['shards_speedup']:.3g}; merged "
-            f"summary equals (a1)'s apart from settings and paths: {s['shards_merge_equal']}"
+            f"(a)/(g), two --layers shards in parallel: {s['shards_speedup']:.3g}; merged "
+            f"summary equals (a)'s apart from settings and paths: {s['shards_merge_equal']}"
         )
     extra.append(f"`--collect-only` wall: {s['collect_only_wall']:.1f} s")
     if "c_total" in s:
@@ -441,8 +460,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--samples", type=int, default=20)
     p.add_argument("--repeats", type=int, default=3, help="rounds of (a), (a1), (b) (3)")
     p.add_argument("--xdist-repeats", type=int, default=1, help="rounds of (e), (f), (g) (1)")
-    p.add_argument("--figure-items", type=int, default=8, help="items for (c)/(d), 0 skips (8)")
-    p.add_argument("--no-tuned", action="store_true", help="skip (a1)")
+    p.add_argument("--figure-items", type=int, default=0, help="items for (c)/(d) (0: skip)")
+    p.add_argument("--tuned", action="store_true", help="also (a1)")
     a = p.parse_args(argv)
     started = time.perf_counter()
     OUT.mkdir(parents=True, exist_ok=True)
@@ -469,7 +488,7 @@ def main(argv: list[str] | None = None) -> None:
     floor = write_floor(ids)
     floor_cmd = [sys.executable, "-m", "pytest", str(floor.relative_to(ROOT)), "-q"]
     floor_cmd += ["-p", "pytest_timing"]
-    xdist = ["-n", "2", "--dist", "loadgroup"]
+    xdist = ["-n", "2"]
 
     def suite(name: str, extra: list[str], env: dict | None = None) -> dict:
         cmd = suite_command(run_dir, a.samples, extra, OUT / "artifacts" / name)
@@ -479,13 +498,13 @@ def main(argv: list[str] | None = None) -> None:
     halves = [layers[: len(layers) // 2], layers[len(layers) // 2 :]]
 
     def layer_shards(name: str) -> dict:
-        """(a1) as two --layers shards in two processes at once, then merged."""
+        """(a) as two --layers shards in two processes at once, then merged."""
         dirs = [OUT / "artifacts" / f"{name}.{k}" for k in range(2)]
         cmds = [
-            suite_command(run_dir, a.samples, [*TUNED_ARGS, "--layers", ",".join(h)], d)
+            suite_command(run_dir, a.samples, ["--layers", ",".join(h)], d)
             for h, d in zip(halves, dirs, strict=True)
         ]
-        m = measure_parallel(name, cmds, env=TUNED_ENV, timing=True)
+        m = measure_parallel(name, cmds, timing=True)
         merged = OUT / "artifacts" / f"{name}.merged.json"
         merge = [sys.executable, "-m", "qkcheck.merge", *(str(d / "summary.json") for d in dirs)]
         t = time.perf_counter()
@@ -493,7 +512,7 @@ def main(argv: list[str] | None = None) -> None:
         m.wall_s += time.perf_counter() - t
         out = asdict(m)
         out["merge_rc"] = done.returncode
-        whole = OUT / "artifacts" / ("a-0" if a.no_tuned else "a1-0") / "summary.json"
+        whole = OUT / "artifacts" / "a-0" / "summary.json"
         if merged.is_file() and whole.is_file():
             out["merge_equals_whole"] = _comparable(merged) == _comparable(whole)
         return out
@@ -502,11 +521,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"round {r + 1}", flush=True)
         if r < a.repeats:
             runs["a"].append(suite(f"a-{r}", []))
-            if not a.no_tuned:
+            if a.tuned:
                 runs["a1"].append(suite(f"a1-{r}", TUNED_ARGS, TUNED_ENV))
             runs["b"].append(asdict(measure(f"b-{r}", floor_cmd, timing=True)))
         if r < a.xdist_repeats:
-            runs["e"].append(suite(f"e-{r}", TUNED_ARGS + xdist, TUNED_ENV))
+            runs["e"].append(suite(f"e-{r}", xdist))
             runs["f"].append(asdict(measure(f"f-{r}", [*floor_cmd, "-n", "2"], timing=True)))
             runs["g"].append(layer_shards(f"g-{r}"))
     bad = [m["name"] for ms in runs.values() for m in ms if m["rc"] != 0]

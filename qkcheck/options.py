@@ -15,7 +15,17 @@ from typing import Any, Literal
 from qkcheck.chunks import DEFAULT_MIB
 
 Kind = Literal[
-    "text", "path", "int", "float", "choice", "samples", "layers", "query_pos", "device", "flag"
+    "text",
+    "path",
+    "int",
+    "float",
+    "choice",
+    "samples",
+    "layers",
+    "query_pos",
+    "device",
+    "threads",
+    "flag",
 ]
 
 
@@ -206,6 +216,14 @@ OPTIONS: tuple[Option, ...] = (
         "compare residual statistics against this stored baseline (validation/baselines/NAME/)",
     ),
     Option("--qk-batch-size", "batch_size", 1, "samples per target forward pass", "int", lo=1),
+    Option(
+        "--qk-threads",
+        "threads",
+        "auto",
+        "torch CPU threads per process: N, or auto (the cores idle at start by the 1-minute "
+        "load average, at least 1; under pytest-xdist the cores divided among the workers)",
+        "threads",
+    ),
     Option(
         "--doc-ids",
         "doc_ids",

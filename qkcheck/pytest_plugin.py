@@ -2,8 +2,9 @@
 artifacts, summary. Registered as a ``pytest11`` entry point; heavy imports stay lazy.
 
 Items are parametrized over (layer, sample, query_pos) from run metadata only (no forward
-pass at collection), with ids like ``L1-S3-Q17`` and one ``xdist_group`` per
-(layer, sample), so ``-n auto --dist loadgroup`` computes each group once.
+pass at collection), with ids like ``L1-S3-Q17``; under pytest-xdist (``-n N``) each layer
+goes to one worker (:mod:`qkcheck.xdist_layers`), so each (layer, sample) group is computed
+once.
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ class _State:
         self._previous_sigterm: Any = None
         self.measured = None  # qkcheck.gate.Measured, built by the first qk_baseline
         self.running: pytest.Item | None = None  # the test being called (qk_record's target)
+        self.threads: int | None = None  # torch CPU threads (--qk-threads), set at configure
 
     @property
     def validator(self):
@@ -385,13 +387,37 @@ def _document_ids(settings, tokens, ids):
     return None
 
 
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_cmdline_main(config: pytest.Config):
+    """``-n N`` on a qkcheck session means ``--dist loadgroup`` (whole layers per worker,
+    :mod:`qkcheck.xdist_layers`) unless ``--dist`` is given; set before xdist picks ``load``."""
+    if (
+        config.getoption("qk_run_id", default=None)
+        and config.getoption("numprocesses", default=None)
+        and config.getoption("dist", default=None) == "no"
+    ):
+        config.option.dist = "loadgroup"
+    return (yield)
+
+
+@pytest.hookimpl(optionalhook=True, tryfirst=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """``--dist loadgroup`` on a qkcheck session: one layer per worker (its items, quality
+    test and Δ tests), so no (layer, sample) group is computed twice. (pytest-xdist's own
+    ``xdist_group`` marks rename node ids, which pytest 9 no longer allows.)"""
+    state = config.stash.get(_STATE, None)
+    if state is None or state.settings is None or config.getoption("dist") != "loadgroup":
+        return None
+    from qkcheck.xdist_layers import LayerScheduling
+
+    specs = state.validator.specs
+    modules = {name: i for i, sp in specs.items() for name in (sp.q_name, sp.k_name)}
+    return LayerScheduling(config, log, module_layers=modules)
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "qkcheck: a qkcheck validation item")
     config.addinivalue_line("markers", "qk_gate: a run-level quality-gate test of qkcheck")
-    # qkcheck marks its groups for pytest-xdist; without xdist the marker must still be known
-    config.addinivalue_line(
-        "markers", "xdist_group(name): pytest-xdist --dist loadgroup runs a group on one worker"
-    )
     from qkcheck.gate import check_options, check_selection
 
     check_options(config)  # before the run is loaded: refused combinations cost nothing
@@ -407,13 +433,16 @@ def pytest_configure(config: pytest.Config) -> None:
     config.pluginmanager.register(state, "qkcheck-session")
     if state.settings is not None and not hasattr(config, "workerinput"):
         state.install_sigterm()
-    workers = getattr(config, "workerinput", {}).get("workercount")
-    if state.settings is not None and workers:
+    if state.settings is not None:
         import torch  # already imported by the run
 
-        # xdist workers share the cores: torch's default of one thread per core in every
-        # worker oversubscribes them (measured: a (layer, sample) group 10x slower)
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(workers)))
+        from qkcheck.settings import torch_threads
+
+        # xdist workers share the cores, and so does anything else running: torch's default
+        # of one thread per core oversubscribes them (measured: a group up to 10x slower)
+        workers = getattr(config, "workerinput", {}).get("workercount")
+        state.threads = torch_threads(state.settings.threads, workers and int(workers))
+        torch.set_num_threads(state.threads)
 
 
 def require_run_id(config: pytest.Config) -> None:
@@ -441,7 +470,8 @@ def pytest_report_header(config: pytest.Config) -> list[str] | None:
     return [
         f"qkcheck: run {s.run_id} · samples {_describe(s.samples)} · layers "
         f"{_describe(s.layers)} · query_pos {_describe(s.query_pos)} · bound {s.bound} "
-        f"({s.norm}) · mode {s.mode} · dtype {s.dtype} · device {s.device}",
+        f"({s.norm}) · mode {s.mode} · dtype {s.dtype} · device {s.device} · threads "
+        f"{state.threads}" + (" (auto)" if s.threads == "auto" else ""),
         f"qkcheck: gate ‖Δ‖/‖W‖ ≤ {s.delta_budget}, median|r|/std ≤ {s.residual_budget}, "
         f"tolerance {s.gate_tolerance} vs baseline {s.baseline or '(this run)'} · plots "
         f"{s.plots} (max {s.max_plots}) · top-n {s.top_n}",
@@ -468,33 +498,16 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     from qkcheck.util import item_id
 
     gate = pytest.mark.qk_gate
+    # under pytest-xdist, each layer's tests go to one worker (qkcheck.xdist_layers)
     if "qk_item" in names:
-        marks: dict[tuple[int, int], pytest.MarkDecorator] = {}  # one per group, shared
-
-        def group_mark(layer: int, sample: int) -> pytest.MarkDecorator:
-            mark = marks.get((layer, sample))
-            if mark is None:
-                mark = marks[(layer, sample)] = pytest.mark.xdist_group(f"L{layer}-S{sample}")
-            return mark
-
-        params = [
-            pytest.param(item, id=item_id(*item), marks=group_mark(item[0], item[1]))
-            for item in v.items()
-        ]
-        metafunc.parametrize("qk_item", params)
+        items = v.items()
+        metafunc.parametrize("qk_item", items, ids=[item_id(*it) for it in items])
     if "qk_layer" in names:
-        params = [
-            pytest.param(layer, id=f"L{layer}", marks=[pytest.mark.xdist_group("qk-quality"), gate])
-            for layer in v.layers
-        ]
+        params = [pytest.param(layer, id=f"L{layer}", marks=gate) for layer in v.layers]
         metafunc.parametrize("qk_layer", params)
     if "qk_module" in names:
         paths = [p for sp in v.specs.values() for p in (sp.q_name, sp.k_name)]
-        params = [
-            pytest.param(p, id=p, marks=[pytest.mark.xdist_group("qk-quality"), gate])
-            for p in paths
-        ]
-        metafunc.parametrize("qk_module", params)
+        metafunc.parametrize("qk_module", [pytest.param(p, id=p, marks=gate) for p in paths])
 
 
 @pytest.fixture(scope="session")

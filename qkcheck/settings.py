@@ -7,6 +7,7 @@ Parsing is separate from pytest so it can be tested plainly; every bad value rai
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -196,7 +197,24 @@ def parse_value(option: Option, value: Any) -> Any:
         if value != "cpu" and not value.startswith("cuda"):
             raise OptionError(f"{flag}: {value!r} is not cpu or cuda[:N]")
         return value
+    if kind == "threads":
+        return "auto" if value == "auto" else number(flag, value, int, 1)
     return value
+
+
+def torch_threads(setting: int | str, workers: int | None = None) -> int:
+    """The torch CPU thread count for ``--qk-threads``: N as given; ``auto``: under
+    pytest-xdist the cores divided among the ``workers``, else the cores idle at start (the
+    1-minute load average subtracted, at least 1). A validation group is ~60 elementwise
+    passes: a thread waiting for a core another process holds stalls every pass (measured on
+    2 shared cores: 2.5× the CPU time of one thread), while on idle cores two threads save
+    about a third."""
+    if setting != "auto":
+        return int(setting)
+    cores = os.cpu_count() or 1
+    if workers:
+        return max(1, cores // workers)
+    return max(1, min(cores, int(cores - os.getloadavg()[0] + 0.5)))
 
 
 def parse_settings(opt) -> Settings:
@@ -245,6 +263,8 @@ class Settings:
     gate_tolerance: float = _default("gate_tolerance")
     baseline: str | None = _default("baseline")
     batch_size: int = _default("batch_size")
+    #: "auto" or a count (:func:`torch_threads`)
+    threads: int | str = _default("threads")
     doc_ids: Path | None = _default("doc_ids")
     doc_sep: int | None = _default("doc_sep")
 

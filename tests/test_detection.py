@@ -196,7 +196,7 @@ def test_a_decomposition_that_does_not_belong_to_its_target_fails_the_quality_ga
 def test_serial_and_two_workers_give_identical_results(pytester, spd_out):
     setup_suite(pytester, spd_out)
     serial, _ = run_suite(pytester, "--samples", "4")
-    parallel, _ = run_suite(pytester, "--samples", "4", "-n", "2", "--dist", "loadgroup")
+    parallel, _ = run_suite(pytester, "--samples", "4", "-n", "2")
     for s in (serial, parallel):
         s.pop("settings")
         s.pop("figures")

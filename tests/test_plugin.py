@@ -310,6 +310,27 @@ def test_recording_from_a_selection_needs_record_partial(suite):
     assert data["measured"]["samples"] == 2
 
 
+def test_two_workers_run_each_layer_with_its_gate_on_one_worker(suite):
+    """``-n 2`` alone schedules whole layers (qkcheck.xdist_layers): a layer's items, its
+    quality test and its modules' Δ tests share one worker, so the gate reads the groups
+    that worker computed instead of computing them again. ``--dist load`` is respected."""
+    result = run(suite, "-n", "2", "-v", "--samples", "2", "--query-pos", "5,63")
+    out = result.stdout.str()
+    assert result.ret == pytest.ExitCode.OK, out
+    assert "scheduling tests via LayerScheduling" in out
+    ran = re.findall(r"^\[(gw\d)\] \[\s*\d+%\] (?:PASSED|SKIPPED) \S+?\[(\S+)\]\s*$", out, re.M)
+    assert len(ran) == 2 * 2 * 2 + 2 + 4, ran
+    worker_of: dict[str, set[str]] = {}
+    for worker, test_id in ran:
+        layer = re.match(r"(?:L|h\.)(\d+)", test_id).group(1)
+        worker_of.setdefault(layer, set()).add(worker)
+    assert sorted(worker_of) == ["0", "1"]
+    assert all(len(w) == 1 for w in worker_of.values()), worker_of
+    assert worker_of["0"] != worker_of["1"], "two layers, two workers: one each"
+    explicit = run(suite, "-n", "2", "-v", "--dist", "load", "--samples", "1", "--query-pos", "63")
+    assert "scheduling tests via LoadScheduling" in explicit.stdout.str()
+
+
 def test_the_suite_collects_without_pytest_xdist(suite):
     result = run(suite, "--collect-only", "-q", "-p", "no:xdist", "--samples", "1")
     assert result.ret == pytest.ExitCode.OK, result.stdout.str() + result.stderr.str()

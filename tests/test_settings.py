@@ -22,6 +22,7 @@ from qkcheck.settings import (
     parse_query_pos,
     parse_samples,
     parse_settings,
+    torch_threads,
 )
 
 
@@ -115,6 +116,8 @@ def test_the_selection_defaults_mean_everything():
         ("qk_samples", "1,x", r"--samples: '1,x' is not a list of indices"),
         ("qk_query_pos", "5-2", r"--query-pos: '5-2' is not a list of indices"),
         ("qk_device", "tpu", r"--device: 'tpu' is not cpu or cuda"),
+        ("qk_threads", "0", r"--qk-threads: '0' must be >= 1"),
+        ("qk_threads", "all", r"--qk-threads: 'all' is not an integer"),
     ],
 )
 def test_a_bad_option_value_names_the_option_and_what_it_takes(option, value, message):
@@ -202,3 +205,14 @@ def test_selections_out_of_range_say_what_the_run_has():
     with pytest.raises(OptionError, match="asked for 10 samples, the run has 4"):
         parse_samples("10").resolve(4, "samples", "--samples")
     assert parse_query_pos("last").resolve(64, "query positions", "--query-pos") == [63]
+
+
+def test_threads_are_as_given_or_the_idle_cores_or_the_workers_share(monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    assert settings(qk_threads="3").threads == 3 and torch_threads(3) == 3
+    assert settings().threads == "auto"
+    assert torch_threads("auto", workers=3) == 2  # 8 cores over 3 xdist workers
+    assert torch_threads("auto", workers=16) == 1
+    for load, idle in ((0.0, 8), (2.4, 6), (6.6, 1), (30.0, 1)):
+        monkeypatch.setattr("os.getloadavg", lambda load=load: (load, load, load))
+        assert torch_threads("auto") == idle, load

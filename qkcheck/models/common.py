@@ -164,8 +164,14 @@ class TargetModel(nn.Module):
         """Build with random weights from an spd model config (``source`` names its file)."""
         raise NotImplementedError
 
+    #: ``settings`` fields :meth:`describe` names
+    described: ClassVar[tuple[str, ...]] = ()
+
     def describe(self) -> str:
-        return self.name
+        """``Name(field=value, …)`` over :attr:`described` (the architecture's sizes)."""
+        s = getattr(self, "settings", None)
+        fields = ", ".join(f"{f}={getattr(s, f)}" for f in self.described)
+        return f"{self.name}({fields})" if fields else self.name
 
     def attention_specs(self) -> list[AttentionSpec]:
         raise NotImplementedError

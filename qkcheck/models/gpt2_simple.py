@@ -114,6 +114,13 @@ class GPT2Simple(TargetModel):
     ``lm_head``."""
 
     name: ClassVar[str] = "GPT2Simple"
+    described: ClassVar[tuple[str, ...]] = (
+        "n_layer",
+        "n_embd",
+        "n_head",
+        "vocab_size",
+        "block_size",
+    )
     residual_suffixes: ClassVar[tuple[str, ...]] = ("attn.o_proj", "mlp.down_proj")
 
     def __init__(self, settings: GPT2Settings) -> None:
@@ -133,13 +140,6 @@ class GPT2Simple(TargetModel):
     @classmethod
     def from_config(cls, config: Mapping[str, Any], source: str = "") -> Self:
         return cls(GPT2Settings.from_config(config, source))
-
-    def describe(self) -> str:
-        s = self.settings
-        return (
-            f"{self.name}(n_layer={s.n_layer}, n_embd={s.n_embd}, n_head={s.n_head}, "
-            f"vocab_size={s.vocab_size}, block_size={s.block_size})"
-        )
 
     def forward(self, tokens: Tensor) -> Tensor:
         """``(batch, pos)`` token ids -> ``(batch, pos, vocab)`` next-token logits."""

@@ -197,6 +197,14 @@ class LlamaBlock(nn.Module):
 class LlamaFamily(TargetModel):
     """Token embedding (tied to ``lm_head``), blocks, final RMSNorm; subclasses pick the MLP."""
 
+    described: ClassVar[tuple[str, ...]] = (
+        "n_layer",
+        "n_embd",
+        "n_head",
+        "n_kv_heads",
+        "vocab_size",
+    )
+
     def __init__(self, settings: LlamaSettings) -> None:
         super().__init__()
         self.settings = settings
@@ -218,13 +226,6 @@ class LlamaFamily(TargetModel):
 
     def make_mlp(self, settings: LlamaSettings) -> nn.Module:
         raise NotImplementedError
-
-    def describe(self) -> str:
-        s = self.settings
-        return (
-            f"{self.name}(n_layer={s.n_layer}, n_embd={s.n_embd}, n_head={s.n_head}, "
-            f"n_key_value_heads={s.n_kv_heads}, vocab_size={s.vocab_size})"
-        )
 
     def forward(self, tokens: Tensor) -> Tensor:
         """``(batch, pos)`` token ids -> ``(batch, pos, vocab)`` next-token logits."""
