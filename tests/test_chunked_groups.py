@@ -16,7 +16,7 @@ import math
 import pytest
 import torch
 
-from qkcheck.chunks import LIVE_BLOCKS, group_chunks, query_chunks
+from qkcheck.chunks import LIVE_BLOCKS, MAX_ROWS, group_chunks, query_chunks
 from qkcheck.decompose import HeadLayout, LayerWeights, decompose_layer
 from qkcheck.documents import document_positions
 from qkcheck.models.base import AttentionSpec, Capture, QKNorm
@@ -203,8 +203,11 @@ def test_query_chunks_cover_every_row_once_within_the_budget(n_pos, cap):
     for i0, i1 in chunks:
         assert i1 > i0
         assert (i1 - i0) * i1 <= cap or i1 - i0 == 1  # within budget, or a single row
-        if i1 < n_pos:  # as many rows as fit: one more would not
-            assert (i1 + 1 - i0) * (i1 + 1) > cap
+        assert i1 - i0 <= MAX_ROWS
+        if i1 < n_pos:  # as many rows as fit, up to MAX_ROWS: one more would not
+            assert (i1 + 1 - i0) * (i1 + 1) > cap or i1 - i0 == MAX_ROWS
+    if cap == 10**6 and n_pos == 2048:  # a roomy budget: MAX_ROWS rows while they fit
+        assert all(i1 - i0 == MAX_ROWS for i0, i1 in chunks)
 
 
 def test_group_chunks_bound_the_live_blocks():
