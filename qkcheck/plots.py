@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib import font_manager
-from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.backends.backend_agg import FigureCanvasAgg, RendererAgg, get_hinting_flag
 from matplotlib.collections import LineCollection
 from matplotlib.figure import Figure
 from matplotlib.ft2font import FT2Font
@@ -132,6 +132,88 @@ class ItemPlotData:
         mode only (binary mode has no ground truth to compare)."""
         kinds = ["combined", "components"] + (["validation"] if self.verdict else [])
         return [f"{self.stem()}_{self.mode}_{k}.png" for k in kinds]
+
+
+# --- text: each string rasterised once per process --------------------------------------------
+
+#: rasterised strings and their metrics, per process (figures repeat most of their strings:
+#: tick labels, key labels, the query's label, component labels across heads and figures)
+_TEXT_IMAGES: dict[tuple, tuple[np.ndarray, float, float, float]] = {}
+_TEXT_METRICS: dict[tuple, tuple[float, float, float]] = {}
+#: matplotlib ≥ 3.11 renders text glyph by glyph (and passes draw_text the baseline)
+_GLYPH_BY_GLYPH = hasattr(RendererAgg, "_draw_text_glyphs_and_boxes")
+#: entries kept before a cache is emptied
+TEXT_CACHE_SIZE = 20_000
+
+
+class _Renderer(RendererAgg):
+    """Agg with a cache of rasterised strings.
+
+    matplotlib ≥ 3.11 lays out and renders every glyph of every text through Python (~0.1 ms
+    a glyph, ~9,000 glyphs an item: the largest cost of the figures). Here a string is
+    rasterised once — FreeType's whole-string bitmap, the way matplotlib drew text before —
+    and blitted wherever it recurs, rotated in raster space; its metrics are kept too.
+    Anything else (mathtext; a matplotlib that draws whole strings itself, before 3.11) is
+    drawn by matplotlib."""
+
+    def _text_key(self, s: str, prop) -> tuple:
+        fonts = tuple(font_manager.fontManager._find_fonts_by_props(prop))
+        return (fonts, prop.get_size_in_points(), self.dpi, s, get_hinting_flag())
+
+    def draw_text(self, gc, x, y, s, prop, angle, ismath=False, mtext=None):
+        if ismath or not _GLYPH_BY_GLYPH:
+            return super().draw_text(gc, x, y, s, prop, angle, ismath, mtext)
+        try:
+            key = (*self._text_key(s, prop), gc.get_antialiased())
+            hit = _TEXT_IMAGES.get(key)
+            if hit is None:
+                font = self._prepare_font(prop)
+                font.set_text(s, 0, flags=get_hinting_flag())
+                font.draw_glyphs_to_bitmap(antialiased=gc.get_antialiased())
+                xo, yo = font.get_bitmap_offset()
+                image = np.array(font.get_image(), dtype=np.uint8)
+                hit = (image, xo / 64, yo / 64, font.get_descent() / 64)
+                _put(_TEXT_IMAGES, key, hit)
+            image, xo, yo, d = hit
+            # (x, y): the baseline's start (matplotlib ≥ 3.11); the bitmap's lower left lies
+            # a descent below it, turned with the text (fitted to within 0.3 px of the ink of
+            # matplotlib's own rendering at 0° and 90°, see tests/test_plots.py)
+            sin, cos = math.sin(math.radians(angle)), math.cos(math.radians(angle))
+            bx, by = round(x + xo + (d + 1) * sin), round(y + yo + d * cos - sin) + 1
+            self._renderer.draw_text_image(image, bx, by, angle, gc)
+        except (AttributeError, TypeError):  # not the matplotlib this was written for
+            super().draw_text(gc, x, y, s, prop, angle, ismath, mtext)
+
+    def get_text_width_height_descent(self, s, prop, ismath):
+        try:
+            key = None if ismath else self._text_key(s, prop)
+        except AttributeError:  # another matplotlib
+            key = None
+        if key is None:
+            return super().get_text_width_height_descent(s, prop, ismath)
+        hit = _TEXT_METRICS.get(key)
+        if hit is None:
+            hit = super().get_text_width_height_descent(s, prop, ismath)
+            _put(_TEXT_METRICS, key, hit)
+        return hit
+
+
+def _put(cache: dict, key: tuple, value) -> None:
+    if len(cache) >= TEXT_CACHE_SIZE:
+        cache.clear()
+    cache[key] = value
+
+
+class _Canvas(FigureCanvasAgg):
+    """FigureCanvasAgg drawing with :class:`_Renderer`."""
+
+    def get_renderer(self):
+        w, h = self.get_width_height(physical=True)
+        key = w, h, self.figure.dpi
+        if getattr(self, "_lastKey", None) != key:
+            self.renderer = _Renderer(w, h, self.figure.dpi)
+            self._lastKey = key
+        return self.renderer
 
 
 # --- colours, tokens, axes ---------------------------------------------------------------------
@@ -359,7 +441,7 @@ def _figure(
     gap = PANEL_TITLE_IN + (LABEL_IN if every_row_labelled else 0.12)
     height = top + bottom + n_rows * row_in + (n_rows - 1) * gap
     fig = Figure(figsize=(width, height))
-    FigureCanvasAgg(fig)
+    _Canvas(fig)
     left, right, wgap = 0.6, 0.15, 0.55
     col_w = (width - left - right - (n_cols - 1) * wgap) / n_cols
     gs = fig.add_gridspec(
