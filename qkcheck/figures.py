@@ -194,6 +194,7 @@ def item_plot_data(validator, layer: int, sample: int, query_pos: int) -> ItemPl
         mean_k_top=mean_k,
         q_label=spec.q_path,
         k_label=spec.k_path,
+        show_attention=s.show_attention,
     )
     if s.mode == "weighted":
         g = validator.group(layer, sample)

@@ -115,6 +115,8 @@ class ItemPlotData:
     q_label: str = "q"
     k_label: str = "k"
     verdict: Verdict | None = None
+    #: the validation figure adds a row per head: softmax of the target and of the sum
+    show_attention: bool = False
 
     @property
     def n_head(self) -> int:
@@ -667,10 +669,9 @@ def components_figure(data: ItemPlotData) -> Figure:
             ax.legend(
                 handles=handles, fontsize=5.5, loc="upper left", framealpha=0.6, handlelength=1.5
             )
-            other = "key" if side == "q" else "query"
             who = "mean over heads" if h is None else f"head {h}"
             ax.set_title(
-                f"{who}: {_short(label)} components, each Σ over {other} comps",
+                f"{who}: {_short(label)} components",
                 fontsize=8,
                 y=1.0,
             )
@@ -688,13 +689,38 @@ def components_figure(data: ItemPlotData) -> Figure:
     adds = "coloured + rest + bias + Δ = target" if weighted else "coloured + rest = sum"
     fig.suptitle(
         f"{_item_title(data, 'single components')}\nranked by peak |value| over keys; "
-        f"in each panel {adds}; y-limits shared\n{_title_text(data)}",
+        f"in each panel {adds}; each {_short(data.q_label)} component Σ over all "
+        f"{_short(data.k_label)} components and the reverse; y-limits shared\n{_title_text(data)}",
         fontsize=9,
     )
     return fig
 
 
 # --- validation: the verdict -------------------------------------------------------------------
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Softmax over the last axis (keys ``0..i``), computed stably."""
+    z = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return z / z.sum(axis=-1, keepdims=True)
+
+
+def _attention_row(ax, data: ItemPlotData, T: np.ndarray, S: np.ndarray, peaks, labels: bool):
+    """One head's attention pattern over keys ``j ≤ i``: the softmax of the target logits
+    (gid ``"attention_target"``) and of the component sum (``"attention_sum"``), with the
+    largest difference between them (gid ``"attention_gap"``)."""
+    J = len(T)
+    x = np.arange(J)
+    a, b = softmax(T), softmax(S)
+    (ln,) = ax.plot(x, a, color=TARGET_COLOR, lw=1.2, zorder=3)
+    ln.set_gid("attention_target")
+    (ln,) = ax.plot(x, b, color=SUM_COLOR, lw=1.0, ls="--", zorder=4)
+    ln.set_gid("attention_sum")
+    ax.text(0.99, 0.95, f"max |Δ attention| = {np.abs(a - b).max():.2g}", transform=ax.transAxes,
+            ha="right", va="top", fontsize=6, gid="attention_gap")  # fmt: skip
+    ax.set_ylim(0, 1.1 * max(float(a.max()), float(b.max()), 1e-12))
+    _y_axis(ax, "attention")
+    _key_axis(ax, data, labels=labels, peaks=sorted({*peaks, int(np.argmax(a))}))
 
 
 def validation_figure(data: ItemPlotData) -> Figure:
@@ -708,9 +734,10 @@ def validation_figure(data: ItemPlotData) -> Figure:
     ncols = min(3, H)
     nrows = math.ceil(H / ncols)
     width = max(11.0, min(26.0, (4.2 + J * 0.03) * ncols))
-    fig, grid = _figure(
-        width, nrows, ncols, 3.4, every_row_labelled=J > LABEL_ALL_KEYS, sub=(2, [2, 1], 0.1)
-    )
+    att = data.show_attention
+    sub = (3, [2, 1, 1], 0.1) if att else (2, [2, 1], 0.1)
+    row_in = 4.5 if att else 3.4
+    fig, grid = _figure(width, nrows, ncols, row_in, every_row_labelled=J > LABEL_ALL_KEYS, sub=sub)
     x = np.arange(J)
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = np.where(B > 0, np.abs(r) / B, np.where(np.abs(r) > 0, np.inf, 0.0))
@@ -718,7 +745,7 @@ def validation_figure(data: ItemPlotData) -> Figure:
     kind = v.bound_kind
     for h in range(H):
         row, col = divmod(h, ncols)
-        ax, axr = grid[row][col]
+        ax, axr, *axa = grid[row][col]
         top_axes.append(ax)
         low_axes.append(axr)
         _style_line(ax, x, T[h], "target", J)
@@ -755,7 +782,11 @@ def validation_figure(data: ItemPlotData) -> Figure:
         pts.set_gid("residual")
         _y_axis(axr, "r")
         peaks = _peak_keys([ratio[h].clip(max=1e9), T[h]], PEAK_LABELS)
-        _key_axis(axr, data, labels=h + ncols >= H, peaks=peaks)
+        if axa:  # the attention row under it carries the key labels
+            _key_axis(axr, data, labels=False, never=True)
+            _attention_row(axa[0], data, T[h], S[h], peaks, labels=h + ncols >= H)
+        else:
+            _key_axis(axr, data, labels=h + ncols >= H, peaks=peaks)
     # the worst (head, key) of the item
     wa, wr = top_axes[v.head], low_axes[v.head]
     wr.plot(
@@ -795,8 +826,16 @@ def validation_figure(data: ItemPlotData) -> Figure:
             Line2D([], [], color="#1f77b4", marker="o", ms=3, lw=1.2, label="r within the band"),
             Line2D([], [], color=TARGET_COLOR, lw=1.2, label="r beyond the band"),
             Line2D([], [], color=TARGET_COLOR, marker="*", ms=9, ls="none", label="worst entry"),
+            *(
+                [
+                    Line2D([], [], color=TARGET_COLOR, lw=1.2, label="softmax(target)"),
+                    Line2D([], [], color=SUM_COLOR, lw=1.0, ls="--", label="softmax(sum)"),
+                ]
+                if att
+                else []
+            ),
         ],
-        6,
+        8 if att else 6,
     )
     if v.passed:
         verdict = "PASS"

@@ -364,3 +364,48 @@ def test_text_drawn_from_the_string_cache_matches_matplotlibs_own_rendering():
     for (t, _, _), w, g in zip(texts, want, got, strict=True):
         assert abs(w[0] - g[0]) < 0.75 and abs(w[1] - g[1]) < 0.75, (t, w, g)
         assert abs(w[2] - g[2]) < 0.1 * w[2], (t, w, g)
+
+
+def _attention_lines(fig) -> dict[str, list[np.ndarray]]:
+    out: dict[str, list[np.ndarray]] = {}
+    for ax in fig.axes:
+        for ln in ax.get_lines():
+            if ln.get_gid() in ("attention_target", "attention_sum"):
+                out.setdefault(ln.get_gid(), []).append(np.asarray(ln.get_ydata()))
+    return out
+
+
+@pytest.mark.parametrize("n_head", [1, 4])
+def test_show_attention_adds_a_row_per_head_with_the_softmax_of_target_and_sum(n_head):
+    data = synthetic(n_head)
+    assert _attention_lines(validation_figure(data)) == {}  # off by default
+    data.show_attention = True
+    fig = validation_figure(data)
+    lines = _attention_lines(fig)
+    T, S = data.verdict.target, data.verdict.component_sum
+    assert len(lines["attention_target"]) == len(lines["attention_sum"]) == n_head
+    for h in range(n_head):
+        a = lines["attention_target"][h]
+        np.testing.assert_allclose(a.sum(), 1.0, rtol=1e-12)
+        np.testing.assert_allclose(a, np.exp(T[h]) / np.exp(T[h]).sum(), rtol=1e-12)
+        np.testing.assert_allclose(lines["attention_sum"][h], np.exp(S[h]) / np.exp(S[h]).sum())
+    gaps = [t.get_text() for ax in fig.axes for t in ax.texts if t.get_gid() == "attention_gap"]
+    assert len(gaps) == n_head and gaps[0].startswith("max |Δ attention| = ")
+    labels = [t.get_text() for ax in fig.axes for t in ax.texts if t.get_gid() == "key"]
+    assert "tok11 ·11" in labels  # the keys are labelled under the attention row
+
+
+def test_show_attention_is_the_softmax_of_the_targets_own_logits(genuine_run, genuine_tokens):
+    v = Validator(
+        genuine_run, genuine_tokens, [0], Settings(run_id="x", top_n=3, show_attention=True)
+    )
+    layer, i = 1, 30
+    data = item_plot_data(v, layer, 0, i)
+    assert data.show_attention
+    cap, row = v.capture(0)
+    logits = cap.logits[layer][row, :, i, : i + 1].double().numpy()  # (head, key)
+    got = _attention_lines(validation_figure(data))["attention_target"]
+    for h, a in enumerate(got):
+        np.testing.assert_allclose(a.sum(), 1.0, rtol=1e-9)
+        want = np.exp(logits[h] - logits[h].max())
+        np.testing.assert_allclose(a, want / want.sum(), rtol=1e-6, atol=1e-9)
