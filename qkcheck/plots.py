@@ -1,11 +1,13 @@
-"""Figures for one item (docs/design.md §8), headless (Agg), free of global state and of
-torch: :class:`ItemPlotData` holds plain numpy arrays, so figures can be drawn in worker
-processes (:func:`draw_item`, :func:`draw_items`).
+"""Figures for one item (docs/design.md §8), headless (Agg), free of torch and of global
+state but a per-process cache of rasterised strings (:class:`_Renderer`):
+:class:`ItemPlotData` holds plain numpy arrays, so figures can be drawn in worker processes
+(:func:`draw_item`, :func:`draw_items`).
 
 * :func:`validation_figure` — the verdict. Per head: target and component sum over key
   positions on one axis; below it, aligned on the same keys, the residual
   ``r = target − component sum`` (the Δ terms) with the asserted ±B band; |r|/B in each
-  head's title, the worst (head, key) starred, PASS/FAIL and the closure error in the title.
+  head's title, the worst (head, key) starred, PASS/FAIL and the closure error in the title;
+  with ``show_attention`` a row per head with the softmax of the target and of the sum.
 * :func:`combined_figure` — pairs. A head-mean panel and one panel per head; each draws
   its own top-N (q-component, k-component) pairs (colours and markers unique within the
   figure, a legend per panel with only its pairs), their sum ("top-N sum"), what every other
