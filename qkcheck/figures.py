@@ -14,6 +14,7 @@ weighted mode; binary mode's weight-only terms are undefined there
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -138,6 +139,17 @@ def _ranked(curves: Tensor, n: int) -> tuple[list[list[int]], list[int]]:
     return per_head, mean
 
 
+@contextlib.contextmanager
+def _torch_threads(n: int):
+    """torch's intra-op threads set to ``n`` for the block, restored after it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def item_plot_data(validator, layer: int, sample: int, query_pos: int) -> ItemPlotData:
     """Pair curves and top-N per head and for the head mean, per-component sums, totals,
     bias and Δ terms, target and (weighted mode) the item's verdict."""
@@ -145,7 +157,10 @@ def item_plot_data(validator, layer: int, sample: int, query_pos: int) -> ItemPl
     s = validator.settings
     i = query_pos
     spec = validator.specs[layer]
-    with torch.no_grad():
+    validator.capture(sample)  # the target's forward pass (cached): every thread
+    # the rest is many small blocks and memory-bound products: one thread (two contending
+    # with the drawing workers, or with other jobs on the cores, ran it 3-10x slower)
+    with torch.no_grad(), _torch_threads(1):
         f, extra = _factors(validator, layer, sample, i)
         n = s.top_n
         top = top_pairs(f, n, budget_bytes=DEFAULT_BUDGET)
@@ -179,6 +194,7 @@ def item_plot_data(validator, layer: int, sample: int, query_pos: int) -> ItemPl
         mean_k_top=mean_k,
         q_label=spec.q_path,
         k_label=spec.k_path,
+        show_attention=s.show_attention,
     )
     if s.mode == "weighted":
         res = validator.item(layer, sample, i)
@@ -239,7 +255,11 @@ def write_figures(
 
     n = workers or os.cpu_count() or 1
     pending: list[list | BaseException] = []
-    with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn")) as pool:
+    # the workers draw on the cores: torch here gets what they leave, at least one thread
+    # (two threads contending with them made the ranking 3x slower)
+    threads = max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) - n))
+    spawn = multiprocessing.get_context("spawn")
+    with _torch_threads(threads), ProcessPoolExecutor(n, mp_context=spawn) as pool:
         for it in items:
             try:
                 data = item_plot_data(validator, *it)

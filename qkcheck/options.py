@@ -128,6 +128,14 @@ OPTIONS: tuple[Option, ...] = (
         lo=0,
     ),
     Option(
+        "--show-attention",
+        "show_attention",
+        False,
+        "validation figure: add a row per head with the attention pattern, the softmax over "
+        "keys j <= i of the target logits and of the component sum",
+        "flag",
+    ),
+    Option(
         "--dataset-top-k",
         "dataset_top_k",
         0,

@@ -18,6 +18,7 @@ for the head mean; it walks query components in chunks sized from a memory budge
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -170,7 +171,9 @@ class TopPairs:
 
     ``head_pairs``: ``(head, n, 2)`` (q-component, k-component), strongest first;
     ``head_peaks``: ``(head, n)``; ``mean_pairs``/``mean_peaks``: the same for the head
-    mean ``(1/H) Σ_h P[h]``. ``chunk``: query components per chunk used.
+    mean ``(1/H) Σ_h P[h]``. ``chunk``: query components per evaluated block (the memory
+    budget's); ``evaluated``: pairs whose peak was computed, over every head and the mean
+    (at most ``(H + 1) · C_q · C_k``; the others were ruled out by their bound).
     """
 
     head_pairs: Tensor
@@ -178,61 +181,144 @@ class TopPairs:
     mean_pairs: Tensor
     mean_peaks: Tensor
     chunk: int
+    evaluated: int = 0
+
+
+#: key components per evaluated block of :func:`top_pairs`
+KEY_BLOCK = 8
 
 
 def chunk_size(f: ItemFactors, budget_bytes: int) -> int:
-    """Query components per chunk so that the chunk's working set fits the budget.
+    """Query components per evaluated block so that its working set fits the budget.
 
-    A chunk holds the contributions ``(head, chunk, C_k, J)`` and those of each key head's
-    summed query heads (for the head mean): ``(H + KV) · chunk · C_k · J`` elements.
+    A block holds the contributions ``(chunk, KEY_BLOCK, J)`` of one head (or the head
+    mean) and the key factors ``(kv_head, KEY_BLOCK, J, d_head)``:
+    ``KEY_BLOCK · J · (chunk + kv_head · d)`` elements.
     """
-    H, Cq, Ck, J = f.shape
-    per_component = (H + f.k.shape[0]) * Ck * J * f.q.element_size()
-    return max(1, min(Cq, budget_bytes // max(per_component, 1)))
+    _, Cq, _, J = f.shape
+    per_row = KEY_BLOCK * J * f.q.element_size()
+    room = budget_bytes - per_row * f.k.shape[0] * f.q.shape[-1]
+    return max(1, min(Cq, room // per_row))
+
+
+#: relative margin on the Cauchy–Schwarz bounds, above float rounding of a dot product
+_BOUND_MARGIN = 1e-3
+
+
+def _search(bound: Tensor, evaluate, n: int) -> tuple[Tensor, int]:
+    """Exact peaks of every pair that can be among the top ``n``, as a ``(C_q, C_k)``
+    table with ``-inf`` where ruled out, and how many pairs were evaluated.
+
+    ``bound[c, d]`` ≥ the pair's peak, its rows and columns sorted by their largest bound
+    (descending); ``evaluate(m, d0, d1)`` the exact peaks of query components ``0..m-1``
+    and key components ``d0..d1-1`` (in that order). Key components are walked in blocks;
+    a block evaluates the query components up to the last one whose bound reaches ``τ``,
+    the n-th largest peak evaluated so far (≤ the true n-th peak, so a pair below it can
+    never rank — not even as a tie). Everything is evaluated while ``τ`` is 0 (e.g. fewer
+    than ``n`` non-zero pairs), so ties at zero are ranked as on the dense table."""
+    Cq, Ck = bound.shape
+    peaks = torch.full((Cq, Ck), -math.inf, dtype=bound.dtype, device=bound.device)
+    tau, evaluated = -math.inf, 0
+    for d0 in range(0, Ck, KEY_BLOCK):
+        d1 = min(Ck, d0 + KEY_BLOCK)
+        reach = (bound[:, d0:d1].amax(dim=1) >= tau).nonzero()
+        if reach.numel() == 0:
+            break  # later blocks have smaller bounds
+        m = int(reach[-1]) + 1
+        peaks[:m, d0:d1] = evaluate(m, d0, d1)
+        evaluated += m * (d1 - d0)
+        if evaluated >= n:
+            tau = float(peaks.view(-1).topk(n).values[-1])
+    return peaks, evaluated
+
+
+def _sorted_search(bound: Tensor, co: Tensor, evaluate, n: int) -> tuple[Tensor, int]:
+    """:func:`_search` on ``bound`` with its rows sorted by their largest bound and its
+    columns in the order ``co`` (by largest bound, chosen by the caller, which may have
+    sorted its key factors so); ``evaluate(rows, d0, d1)`` gets the query components
+    (original indices) and the range of key components in that order. The table comes
+    back in the original order, so that ``topk`` ranks ties as on the dense table."""
+    ro = bound.amax(dim=1).argsort(descending=True)
+    peaks, count = _search(bound[ro][:, co], lambda m, d0, d1: evaluate(ro[:m], d0, d1), n)
+    out = torch.empty_like(peaks)
+    out[ro[:, None], co[None, :]] = peaks
+    return out, count
 
 
 def top_pairs(f: ItemFactors, n: int, budget_bytes: int = DEFAULT_BUDGET) -> TopPairs:
     """Exact top-``n`` pairs per head and for the head mean, in bounded memory.
 
     Equals ranking the dense tensor (:func:`dense_contributions`) by
-    ``amax(|P|, key_pos)``; walks the query components in chunks and keeps only each
-    pair's peak, ``(head, C_q, C_k)``. The head mean ``(1/H) Σ_h P[h]`` is contracted
-    directly from each key head's summed query heads, ``(1/H) Σ_g <Σ_{h∈g} q[h,c], k[g]>``,
-    in the same product as the heads (no reduction over the head axis), and peaks are
-    ``max |·|`` in one pass (``vector_norm`` of order ∞).
+    ``amax(|P|, key_pos)`` without building it: a branch and bound (:func:`_search`) over
+    Cauchy–Schwarz bounds. Per head, ``|P[h,c,d,j]| ≤ |s|·‖q[h,c]‖·max_j ‖k[g,d,j]‖``;
+    for the head mean, ``|(1/H) Σ_h P[h]| ≤ (1/H) Σ_h peak_h``, each head's peak exact
+    where evaluated and otherwise below both its bound and that head's n-th peak. Only
+    pairs whose bound reaches the running n-th peak are evaluated, in blocks of
+    ``(chunk, KEY_BLOCK)`` pairs as products over contiguous key axes; the head mean is
+    contracted from each key head's summed query heads.
     """
     H, Cq, Ck, J = f.shape
     KV, G, dh = f.k.shape[0], f.group, f.q.shape[-1]
-    step = chunk_size(f, budget_bytes)
-    opts = {"dtype": f.q.dtype, "device": f.q.device}
-    head_peak = torch.empty(H, Cq, Ck, **opts)
-    mean_peak = torch.empty(Cq, Ck, **opts)
-    keys = f.k.reshape(KV, Ck * J, dh)
-    inf = float("inf")
-    for c0 in range(0, Cq, step):
-        q = f.q[:, c0 : c0 + step]
-        cc = q.shape[1]
-        qg = q.reshape(KV, G, cc, dh)
-        cols = torch.cat([qg, qg.sum(dim=1, keepdim=True) / H], dim=1)  # (KV, G+1, cc, d)
-        raw = keys @ cols.reshape(KV, (G + 1) * cc, dh).transpose(1, 2)
-        raw = raw.reshape(KV, Ck, J, G + 1, cc)
-        peaks = torch.linalg.vector_norm(raw[..., :G, :], ord=inf, dim=2)  # (KV, Ck, G, cc)
-        head_peak[:, c0 : c0 + cc] = peaks.permute(0, 2, 3, 1).reshape(H, cc, Ck)
-        mean = raw[..., G, :].sum(dim=0)  # (Ck, J, cc)
-        mean_peak[c0 : c0 + cc] = torch.linalg.vector_norm(mean, ord=inf, dim=1).T
-        del raw, peaks, mean
-    scale = abs(f.scale)
-    head_peak.mul_(scale)
-    mean_peak.mul_(scale)
     n = min(n, Cq * Ck)
-    hp, hi = head_peak.reshape(H, -1).topk(n, dim=-1)
-    mp, mi = mean_peak.reshape(-1).topk(n)
+    step = chunk_size(f, budget_bytes)
+    scale = abs(f.scale)
+    margin = scale * (1 + _BOUND_MARGIN)
+    key_norm = torch.linalg.vector_norm(f.k, dim=-1).amax(dim=-1)  # (KV, Ck)
+    q_norm = torch.linalg.vector_norm(f.q, dim=-1)  # (H, Cq)
+
+    def peaks_of(parts: list[tuple[Tensor, Tensor]], rows: Tensor) -> Tensor:
+        """``|s| · max_j |Σ_parts <q[c], k[d, j]>|`` for c in ``rows``, every d of the
+        parts' key blocks ``(d, J, d_head)``."""
+        d = parts[0][1].shape[0]
+        out = torch.empty(rows.numel(), d, dtype=f.q.dtype, device=f.q.device)
+        for r0 in range(0, rows.numel(), step):
+            r = rows[r0 : r0 + step]
+            acc = None
+            for q, keys in parts:
+                term = q.index_select(0, r) @ keys.reshape(-1, dh).T  # (r, d·J)
+                acc = term if acc is None else acc.add_(term)
+            acc = acc.view(r.numel(), d, J)
+            out[r0 : r0 + r.numel()] = torch.linalg.vector_norm(acc, ord=math.inf, dim=-1)
+        return out.mul_(scale)
+
+    head_peak = torch.empty(H, n, dtype=f.q.dtype, device=f.q.device)
+    head_idx = torch.empty(H, n, dtype=torch.long, device=f.q.device)
+    mean_bound = torch.zeros(Cq, Ck, dtype=f.q.dtype, device=f.q.device)
+    evaluated = 0
+    for g in range(KV):
+        co = key_norm[g].argsort(descending=True)
+        keys = f.k[g].index_select(0, co)  # key components by bound, shared by the group
+        for h in range(g * G, (g + 1) * G):
+            bound = q_norm[h, :, None] * key_norm[g] * margin  # rank one: a staircase
+
+            def head(rows, d0, d1, h=h, keys=keys):
+                return peaks_of([(f.q[h], keys[d0:d1])], rows)
+
+            peaks, count = _sorted_search(bound, co, head, n)
+            evaluated += count
+            head_peak[h], head_idx[h] = peaks.view(-1).topk(n)
+            # a pair ruled out here peaks below this head's n-th peak and below its bound
+            limit = head_peak[h, -1] * (1 + _BOUND_MARGIN)
+            mean_bound += torch.where(peaks > -math.inf, peaks, bound.clamp(max=limit))
+        del keys
+    mean_bound *= (1 + _BOUND_MARGIN) / H
+    q_sum = f.q.reshape(KV, G, Cq, dh).sum(dim=1) / H  # (KV, Cq, d)
+    co = mean_bound.amax(dim=0).argsort(descending=True)
+
+    def mean(rows, d0, d1):
+        cols = co[d0:d1]
+        return peaks_of([(q_sum[g], f.k[g].index_select(0, cols)) for g in range(KV)], rows)
+
+    peaks, count = _sorted_search(mean_bound, co, mean, n)
+    evaluated += count
+    mp, mi = peaks.view(-1).topk(n)
     return TopPairs(
-        head_pairs=_unravel(hi, Ck),
-        head_peaks=hp,
+        head_pairs=_unravel(head_idx, Ck),
+        head_peaks=head_peak,
         mean_pairs=_unravel(mi, Ck),
         mean_peaks=mp,
         chunk=step,
+        evaluated=evaluated,
     )
 
 

@@ -1,11 +1,13 @@
-"""Figures for one item (docs/design.md §8), headless (Agg), free of global state and of
-torch: :class:`ItemPlotData` holds plain numpy arrays, so figures can be drawn in worker
-processes (:func:`draw_item`, :func:`draw_items`).
+"""Figures for one item (docs/design.md §8), headless (Agg), free of torch and of global
+state but a per-process cache of rasterised strings (:class:`_Renderer`):
+:class:`ItemPlotData` holds plain numpy arrays, so figures can be drawn in worker processes
+(:func:`draw_item`, :func:`draw_items`).
 
 * :func:`validation_figure` — the verdict. Per head: target and component sum over key
   positions on one axis; below it, aligned on the same keys, the residual
   ``r = target − component sum`` (the Δ terms) with the asserted ±B band; |r|/B in each
-  head's title, the worst (head, key) starred, PASS/FAIL and the closure error in the title.
+  head's title, the worst (head, key) starred, PASS/FAIL and the closure error in the title;
+  with ``show_attention`` a row per head with the softmax of the target and of the sum.
 * :func:`combined_figure` — pairs. A head-mean panel and one panel per head; each draws
   its own top-N (q-component, k-component) pairs (colours and markers unique within the
   figure, a legend per panel with only its pairs), their sum ("top-N sum"), what every other
@@ -32,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib import font_manager
-from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.backends.backend_agg import FigureCanvasAgg, RendererAgg, get_hinting_flag
 from matplotlib.collections import LineCollection
 from matplotlib.figure import Figure
 from matplotlib.ft2font import FT2Font
@@ -115,6 +117,8 @@ class ItemPlotData:
     q_label: str = "q"
     k_label: str = "k"
     verdict: Verdict | None = None
+    #: the validation figure adds a row per head: softmax of the target and of the sum
+    show_attention: bool = False
 
     @property
     def n_head(self) -> int:
@@ -132,6 +136,88 @@ class ItemPlotData:
         mode only (binary mode has no ground truth to compare)."""
         kinds = ["combined", "components"] + (["validation"] if self.verdict else [])
         return [f"{self.stem()}_{self.mode}_{k}.png" for k in kinds]
+
+
+# --- text: each string rasterised once per process --------------------------------------------
+
+#: rasterised strings and their metrics, per process (figures repeat most of their strings:
+#: tick labels, key labels, the query's label, component labels across heads and figures)
+_TEXT_IMAGES: dict[tuple, tuple[np.ndarray, float, float, float]] = {}
+_TEXT_METRICS: dict[tuple, tuple[float, float, float]] = {}
+#: matplotlib ≥ 3.11 renders text glyph by glyph (and passes draw_text the baseline)
+_GLYPH_BY_GLYPH = hasattr(RendererAgg, "_draw_text_glyphs_and_boxes")
+#: entries kept before a cache is emptied
+TEXT_CACHE_SIZE = 20_000
+
+
+class _Renderer(RendererAgg):
+    """Agg with a cache of rasterised strings.
+
+    matplotlib ≥ 3.11 lays out and renders every glyph of every text through Python (~0.1 ms
+    a glyph, ~9,000 glyphs an item: the largest cost of the figures). Here a string is
+    rasterised once — FreeType's whole-string bitmap, the way matplotlib drew text before —
+    and blitted wherever it recurs, rotated in raster space; its metrics are kept too.
+    Anything else (mathtext; a matplotlib that draws whole strings itself, before 3.11) is
+    drawn by matplotlib."""
+
+    def _text_key(self, s: str, prop) -> tuple:
+        fonts = tuple(font_manager.fontManager._find_fonts_by_props(prop))
+        return (fonts, prop.get_size_in_points(), self.dpi, s, get_hinting_flag())
+
+    def draw_text(self, gc, x, y, s, prop, angle, ismath=False, mtext=None):
+        if ismath or not _GLYPH_BY_GLYPH:
+            return super().draw_text(gc, x, y, s, prop, angle, ismath, mtext)
+        try:
+            key = (*self._text_key(s, prop), gc.get_antialiased())
+            hit = _TEXT_IMAGES.get(key)
+            if hit is None:
+                font = self._prepare_font(prop)
+                font.set_text(s, 0, flags=get_hinting_flag())
+                font.draw_glyphs_to_bitmap(antialiased=gc.get_antialiased())
+                xo, yo = font.get_bitmap_offset()
+                image = np.array(font.get_image(), dtype=np.uint8)
+                hit = (image, xo / 64, yo / 64, font.get_descent() / 64)
+                _put(_TEXT_IMAGES, key, hit)
+            image, xo, yo, d = hit
+            # (x, y): the baseline's start (matplotlib ≥ 3.11); the bitmap's lower left lies
+            # a descent below it, turned with the text (fitted to within 0.3 px of the ink of
+            # matplotlib's own rendering at 0° and 90°, see tests/test_plots.py)
+            sin, cos = math.sin(math.radians(angle)), math.cos(math.radians(angle))
+            bx, by = round(x + xo + (d + 1) * sin), round(y + yo + d * cos - sin) + 1
+            self._renderer.draw_text_image(image, bx, by, angle, gc)
+        except (AttributeError, TypeError):  # not the matplotlib this was written for
+            super().draw_text(gc, x, y, s, prop, angle, ismath, mtext)
+
+    def get_text_width_height_descent(self, s, prop, ismath):
+        try:
+            key = None if ismath else self._text_key(s, prop)
+        except AttributeError:  # another matplotlib
+            key = None
+        if key is None:
+            return super().get_text_width_height_descent(s, prop, ismath)
+        hit = _TEXT_METRICS.get(key)
+        if hit is None:
+            hit = super().get_text_width_height_descent(s, prop, ismath)
+            _put(_TEXT_METRICS, key, hit)
+        return hit
+
+
+def _put(cache: dict, key: tuple, value) -> None:
+    if len(cache) >= TEXT_CACHE_SIZE:
+        cache.clear()
+    cache[key] = value
+
+
+class _Canvas(FigureCanvasAgg):
+    """FigureCanvasAgg drawing with :class:`_Renderer`."""
+
+    def get_renderer(self):
+        w, h = self.get_width_height(physical=True)
+        key = w, h, self.figure.dpi
+        if getattr(self, "_lastKey", None) != key:
+            self.renderer = _Renderer(w, h, self.figure.dpi)
+            self._lastKey = key
+        return self.renderer
 
 
 # --- colours, tokens, axes ---------------------------------------------------------------------
@@ -230,19 +316,16 @@ def _key_axis(
     (``labels``: this panel shows them), else the panel's ``peaks`` and the query; the query
     key marked by a dotted line and a bold red label.
 
-    Labels are plain text artists (gid ``"key"``) under the axis and the axis keeps a few
-    unlabelled ticks: a matplotlib tick (two marks, two labels, a grid line) costs ~10× a
-    text, and 64 of them per panel dominated the figures' cost."""
-    from matplotlib.ticker import MaxNLocator
-
+    Labels are plain text artists (gid ``"key"``) under the axis and the axis has no
+    ticks: a matplotlib tick (two marks, two labels, a grid line) costs ~10× a text, and
+    64 of them per panel dominated the figures' cost."""
     J, q = data.n_keys, data.n_keys - 1
     if J <= LABEL_ALL_KEYS:
         keys = list(range(J))
     else:
         labels = not never  # each panel its own peaks
         keys = sorted({0, *peaks, q})
-    ax.xaxis.set_major_locator(MaxNLocator(8, integer=True))
-    ax.tick_params(axis="x", length=2, labelbottom=False)
+    ax.set_xticks([])
     if labels:
         size = 6 if len(keys) <= 40 else 5
         tr = ax.get_xaxis_transform()
@@ -256,6 +339,15 @@ def _key_axis(
     ax.set_xlim(-0.5, J - 0.5)
     ax.axvline(q, color=TARGET_COLOR, ls=":", lw=0.8, alpha=0.6, zorder=0)
     ax.axhline(0, color="0.8", lw=0.6, zorder=0)
+
+
+def _y_axis(ax, label: str) -> None:
+    """The value axis: its label and at most five labelled ticks (each tick is costly)."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.yaxis.set_major_locator(MaxNLocator(4))
+    ax.set_ylabel(label, fontsize=7)
+    ax.tick_params(axis="y", labelsize=6, length=2.5)
 
 
 def _markevery(J: int) -> int:
@@ -353,7 +445,7 @@ def _figure(
     gap = PANEL_TITLE_IN + (LABEL_IN if every_row_labelled else 0.12)
     height = top + bottom + n_rows * row_in + (n_rows - 1) * gap
     fig = Figure(figsize=(width, height))
-    FigureCanvasAgg(fig)
+    _Canvas(fig)
     left, right, wgap = 0.6, 0.15, 0.55
     col_w = (width - left - right - (n_cols - 1) * wgap) / n_cols
     gs = fig.add_gridspec(
@@ -472,8 +564,7 @@ def combined_figure(data: ItemPlotData) -> Figure:
             framealpha=0.6,
             handlelength=1.5,
         )
-        ax.set_ylabel(_units(data), fontsize=7)
-        ax.tick_params(labelsize=6)
+        _y_axis(ax, _units(data))
         peaks = _peak_keys([styles.get("target", total), top_sum], PEAK_LABELS)
         _key_axis(ax, data, labels=n >= n_panels - ncols, peaks=peaks)
     _share_y(axes, [v for d in drawn for v in d])
@@ -580,15 +671,13 @@ def components_figure(data: ItemPlotData) -> Figure:
             ax.legend(
                 handles=handles, fontsize=5.5, loc="upper left", framealpha=0.6, handlelength=1.5
             )
-            other = "key" if side == "q" else "query"
             who = "mean over heads" if h is None else f"head {h}"
             ax.set_title(
-                f"{who}: {_short(label)} components, each Σ over {other} comps",
+                f"{who}: {_short(label)} components",
                 fontsize=8,
                 y=1.0,
             )
-            ax.set_ylabel(_units(data), fontsize=7)
-            ax.tick_params(labelsize=6)
+            _y_axis(ax, _units(data))
             peaks = _peak_keys([styles.get("target", total), *curves[:3]], PEAK_LABELS)
             _key_axis(ax, data, labels=n + head_cols >= H + 1, peaks=peaks)
     for ax in grid.ravel():
@@ -602,13 +691,38 @@ def components_figure(data: ItemPlotData) -> Figure:
     adds = "coloured + rest + bias + Δ = target" if weighted else "coloured + rest = sum"
     fig.suptitle(
         f"{_item_title(data, 'single components')}\nranked by peak |value| over keys; "
-        f"in each panel {adds}; y-limits shared\n{_title_text(data)}",
+        f"in each panel {adds}; each {_short(data.q_label)} component Σ over all "
+        f"{_short(data.k_label)} components and the reverse; y-limits shared\n{_title_text(data)}",
         fontsize=9,
     )
     return fig
 
 
 # --- validation: the verdict -------------------------------------------------------------------
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Softmax over the last axis (keys ``0..i``), computed stably."""
+    z = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return z / z.sum(axis=-1, keepdims=True)
+
+
+def _attention_row(ax, data: ItemPlotData, T: np.ndarray, S: np.ndarray, peaks, labels: bool):
+    """One head's attention pattern over keys ``j ≤ i``: the softmax of the target logits
+    (gid ``"attention_target"``) and of the component sum (``"attention_sum"``), with the
+    largest difference between them (gid ``"attention_gap"``)."""
+    J = len(T)
+    x = np.arange(J)
+    a, b = softmax(T), softmax(S)
+    (ln,) = ax.plot(x, a, color=TARGET_COLOR, lw=1.2, zorder=3)
+    ln.set_gid("attention_target")
+    (ln,) = ax.plot(x, b, color=SUM_COLOR, lw=1.0, ls="--", zorder=4)
+    ln.set_gid("attention_sum")
+    ax.text(0.99, 0.95, f"max |Δ attention| = {np.abs(a - b).max():.2g}", transform=ax.transAxes,
+            ha="right", va="top", fontsize=6, gid="attention_gap")  # fmt: skip
+    ax.set_ylim(0, 1.1 * max(float(a.max()), float(b.max()), 1e-12))
+    _y_axis(ax, "attention")
+    _key_axis(ax, data, labels=labels, peaks=sorted({*peaks, int(np.argmax(a))}))
 
 
 def validation_figure(data: ItemPlotData) -> Figure:
@@ -622,9 +736,10 @@ def validation_figure(data: ItemPlotData) -> Figure:
     ncols = min(3, H)
     nrows = math.ceil(H / ncols)
     width = max(11.0, min(26.0, (4.2 + J * 0.03) * ncols))
-    fig, grid = _figure(
-        width, nrows, ncols, 3.4, every_row_labelled=J > LABEL_ALL_KEYS, sub=(2, [2, 1], 0.1)
-    )
+    att = data.show_attention
+    sub = (3, [2, 1, 1], 0.1) if att else (2, [2, 1], 0.1)
+    row_in = 4.5 if att else 3.4
+    fig, grid = _figure(width, nrows, ncols, row_in, every_row_labelled=J > LABEL_ALL_KEYS, sub=sub)
     x = np.arange(J)
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = np.where(B > 0, np.abs(r) / B, np.where(np.abs(r) > 0, np.inf, 0.0))
@@ -632,7 +747,7 @@ def validation_figure(data: ItemPlotData) -> Figure:
     kind = v.bound_kind
     for h in range(H):
         row, col = divmod(h, ncols)
-        ax, axr = grid[row][col]
+        ax, axr, *axa = grid[row][col]
         top_axes.append(ax)
         low_axes.append(axr)
         _style_line(ax, x, T[h], "target", J)
@@ -655,8 +770,7 @@ def validation_figure(data: ItemPlotData) -> Figure:
             color=TARGET_COLOR if ratio[h].max() > 1 else "black",
             y=1.0,
         )
-        ax.set_ylabel("logit", fontsize=7)
-        ax.tick_params(labelsize=6)
+        _y_axis(ax, "logit")
         _key_axis(ax, data, labels=False, never=True)  # the residual row below has them
         # the residual row: ±B band, r as stems, entries beyond the band in red
         axr.fill_between(
@@ -668,10 +782,13 @@ def validation_figure(data: ItemPlotData) -> Figure:
         axr.add_collection(LineCollection(seg, colors=cols, linewidths=1.2))
         (pts,) = axr.plot(x, r[h], ls="none", marker="o", ms=2.2, color="#1f77b4")
         pts.set_gid("residual")
-        axr.set_ylabel("r", fontsize=7)
-        axr.tick_params(labelsize=6)
+        _y_axis(axr, "r")
         peaks = _peak_keys([ratio[h].clip(max=1e9), T[h]], PEAK_LABELS)
-        _key_axis(axr, data, labels=h + ncols >= H, peaks=peaks)
+        if axa:  # the attention row under it carries the key labels
+            _key_axis(axr, data, labels=False, never=True)
+            _attention_row(axa[0], data, T[h], S[h], peaks, labels=h + ncols >= H)
+        else:
+            _key_axis(axr, data, labels=h + ncols >= H, peaks=peaks)
     # the worst (head, key) of the item
     wa, wr = top_axes[v.head], low_axes[v.head]
     wr.plot(
@@ -711,8 +828,16 @@ def validation_figure(data: ItemPlotData) -> Figure:
             Line2D([], [], color="#1f77b4", marker="o", ms=3, lw=1.2, label="r within the band"),
             Line2D([], [], color=TARGET_COLOR, lw=1.2, label="r beyond the band"),
             Line2D([], [], color=TARGET_COLOR, marker="*", ms=9, ls="none", label="worst entry"),
+            *(
+                [
+                    Line2D([], [], color=TARGET_COLOR, lw=1.2, label="softmax(target)"),
+                    Line2D([], [], color=SUM_COLOR, lw=1.0, ls="--", label="softmax(sum)"),
+                ]
+                if att
+                else []
+            ),
         ],
-        6,
+        8 if att else 6,
     )
     if v.passed:
         verdict = "PASS"
@@ -735,16 +860,29 @@ def validation_figure(data: ItemPlotData) -> Figure:
 
 
 def save_figure(fig: Figure, path: Path, dpi: int = DPI) -> Path:
-    """Write ``fig`` to ``path`` atomically (temp file + rename) and release it."""
+    """Write ``fig`` to ``path`` atomically (temp file + rename) and release it.
+
+    Glyphs are rendered unhinted (a quarter of the text's cost, the figures' largest)."""
+    import matplotlib
+
     try:
-        with atomic_path(path) as tmp:
+        with atomic_path(path) as tmp, matplotlib.rc_context({"text.hinting": "no_hinting"}):
             fmt = path.suffix.lstrip(".") or "png"
             # zlib level 1: ~3x faster to encode than the default 6, files ~1.3x larger
             extra = {"pil_kwargs": {"compress_level": 1}} if fmt == "png" else {}
             fig.savefig(tmp, dpi=dpi, format=fmt, **extra)
     finally:
-        fig.clear()
+        _release(fig)
     return path
+
+
+def _release(fig: Figure) -> None:
+    """Drop a drawn figure's axes and texts (``Figure.clear`` rebuilds every axis first,
+    ~50 ms a figure)."""
+    for ax in list(fig.axes):
+        fig.delaxes(ax)
+    fig.texts.clear()
+    fig.legends.clear()
 
 
 FIGURES = {

@@ -249,6 +249,8 @@ class Settings:
     top_n: int = _default("top_n")
     plots: Plots = _default("plots")
     max_plots: int = _default("max_plots")
+    #: the validation figure gets a row per head with softmax(target) and softmax(sum)
+    show_attention: bool = _default("show_attention")
     #: pairs per head in pairs_L<l>.json (the dataset-level view); 0: not written
     dataset_top_k: int = _default("dataset_top_k")
     artifacts_dir: Path | None = _default("artifacts_dir")

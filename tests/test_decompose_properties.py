@@ -23,6 +23,7 @@ from qkcheck.decompose import (
     decompose_layer,
 )
 from qkcheck.pairs import (
+    KEY_BLOCK,
     ItemFactors,
     binary_factors,
     chunk_size,
@@ -542,12 +543,73 @@ def test_chunked_top_n_equals_brute_force_ranking_of_the_dense_tensor(f, n, budg
     assert [tuple(p) for p in got.mean_pairs.tolist()] == want_mean
 
 
-def test_top_n_walks_in_chunks_that_fit_the_budget():
+def test_top_n_evaluates_blocks_that_fit_the_budget():
     f = ItemFactors(q=torch.randn(6, 250, 32), k=torch.randn(3, 200, 512, 32), scale=0.2)
     dense_bytes = 6 * 250 * 200 * 512 * 4
-    step = chunk_size(f, budget_bytes=16 * 2**20)
+    step = chunk_size(f, budget_bytes=2 * 2**20)
     assert 1 <= step < 250
-    assert (6 + 1) * step * 200 * 512 * 4 <= 16 * 2**20 < dense_bytes
+    # a block's contributions and the key factors it reads
+    assert KEY_BLOCK * 512 * (step + 3 * 32) * 4 <= 2 * 2**20 < dense_bytes
+
+
+@st.composite
+def sparse_factors(draw) -> ItemFactors:
+    """Factors whose component sizes span orders of magnitude, some exactly zero (as SPD
+    activations are), so that the bounds rule most pairs out, and ties at zero occur."""
+    kv, group = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    cq, ck, j, d = draw(st.integers(1, 30)), draw(st.integers(1, 30)), draw(st.integers(1, 9)), 4
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    dtype = draw(st.sampled_from([torch.float64, torch.float32]))
+    zeros = draw(st.floats(0.0, 0.9))
+
+    def sizes(*shape):
+        a = torch.exp(3 * torch.randn(*shape, generator=gen, dtype=torch.float64))
+        return a * (torch.rand(*shape, generator=gen, dtype=torch.float64) >= zeros)
+
+    q = torch.randn(kv * group, cq, d, generator=gen, dtype=torch.float64) * sizes(1, cq, 1)
+    k = torch.randn(kv, ck, j, d, generator=gen, dtype=torch.float64) * sizes(1, ck, j, 1)
+    return ItemFactors(q=q.to(dtype), k=k.to(dtype), scale=draw(st.sampled_from([0.25, -1.0])))
+
+
+def dense_top(peaks: torch.Tensor, n: int) -> list[tuple[int, int]]:
+    """``topk`` over the dense (C_q, C_k) peak table: ties (at zero) ranked as it ranks them."""
+    idx = peaks.flatten().topk(min(n, peaks.numel())).indices
+    return [divmod(int(i), peaks.shape[1]) for i in idx]
+
+
+@given(sparse_factors(), st.integers(1, 12))
+def test_the_bounded_top_n_equals_ranking_the_dense_tensor_with_ties_at_zero(f, n):
+    got = top_pairs(f, n)
+    dense = dense_contributions(f)
+    for h in range(f.n_head):
+        assert [tuple(p) for p in got.head_pairs[h].tolist()] == dense_top(
+            dense[h].abs().amax(dim=-1), n
+        ), f"head {h}"
+    assert [tuple(p) for p in got.mean_pairs.tolist()] == dense_top(
+        dense.mean(dim=0).abs().amax(dim=-1), n
+    )
+
+
+def test_the_bounds_rule_out_most_pairs_of_sparse_components():
+    """Heavy-tailed component sizes, as SPD's: the top-8 is exact while most pairs of every
+    head and of the head mean are never evaluated."""
+    gen = torch.Generator().manual_seed(7)
+    H, KV, Cq, Ck, J, d = 6, 3, 120, 100, 64, 16
+    a_q = torch.exp(2 * torch.randn(Cq, generator=gen))
+    a_k = torch.exp(2 * torch.randn(Ck, J, generator=gen))
+    q = torch.randn(H, Cq, d, generator=gen) * a_q[:, None]
+    k = torch.randn(KV, Ck, J, d, generator=gen) * a_k[..., None]
+    f = ItemFactors(q=q, k=k, scale=0.3)
+    got = top_pairs(f, 8)
+    assert got.evaluated < 0.25 * (H + 1) * Cq * Ck
+    dense = dense_contributions(f)
+    for h in range(H):
+        assert [tuple(p) for p in got.head_pairs[h].tolist()] == dense_top(
+            dense[h].abs().amax(dim=-1), 8
+        )
+    mean = dense.mean(dim=0).abs().amax(dim=-1)
+    assert [tuple(p) for p in got.mean_pairs.tolist()] == dense_top(mean, 8)
+    torch.testing.assert_close(got.mean_peaks, mean.flatten().topk(8).values)
 
 
 # --- the checks have teeth -------------------------------------------------------------

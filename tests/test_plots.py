@@ -315,3 +315,93 @@ def test_hf_figures_add_up_to_the_decomposition_with_qk_norm_biases_and_fused_sl
         b = Validator(run, run.samples[:1], [0], Settings(run_id="x", mode="binary"))
         with pytest.raises(UnsupportedError, match="QK-norm"):
             item_plot_data(b, 0, 0, 17)
+
+
+def test_text_drawn_from_the_string_cache_matches_matplotlibs_own_rendering():
+    """Each string is rasterised once per process and blitted where it recurs: labels at 0°
+    and 90° (bold, escaped, glyph-less) land where matplotlib's own renderer puts them."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from qkcheck import plots
+
+    texts = [
+        ("3768 ·0", 0, None),
+        ("h.1.attn.q_proj:47", 0, None),
+        ("␣or ·2", 90, None),
+        ("U+6F22 ·0", 90, "bold"),
+        ("\\$5 ag", 90, None),
+        ("head 3: max |r|/B", 0, "bold"),
+    ]
+
+    def ink(canvas) -> list[tuple[float, float, float]]:
+        """Per text: the centroid (row, column) of its ink and the ink's mass."""
+        fig = Figure(figsize=(8, 2), dpi=90)
+        canvas(fig)
+        for k, (t, angle, weight) in enumerate(texts):
+            fig.text(0.02 + 0.16 * k, 0.3, t, rotation=angle, fontsize=7, fontweight=weight)
+        fig.canvas.draw()
+        dark = 765.0 - np.asarray(fig.canvas.buffer_rgba())[..., :3].sum(axis=-1)
+        out = []
+        for k in range(len(texts)):
+            cell = dark[:, int(720 * (0.02 + 0.16 * k)) - 4 : int(720 * (0.18 + 0.16 * k)) - 4]
+            rows, cols = np.indices(cell.shape)
+            m = cell.sum()
+            out.append(((rows * cell).sum() / m, (cols * cell).sum() / m, m))
+        return out
+
+    plots._TEXT_IMAGES.clear()
+    want = ink(FigureCanvasAgg)
+    got = ink(plots._Canvas)
+    cached = len(plots._TEXT_IMAGES)
+    assert cached == len(texts)
+    assert ink(plots._Canvas) == got  # drawn again from the cache: the same pixels
+    assert len(plots._TEXT_IMAGES) == cached
+    for (t, _, _), w, g in zip(texts, want, got, strict=True):
+        assert abs(w[0] - g[0]) < 0.75 and abs(w[1] - g[1]) < 0.75, (t, w, g)
+        assert abs(w[2] - g[2]) < 0.1 * w[2], (t, w, g)
+
+
+def _attention_lines(fig) -> dict[str, list[np.ndarray]]:
+    out: dict[str, list[np.ndarray]] = {}
+    for ax in fig.axes:
+        for ln in ax.get_lines():
+            if ln.get_gid() in ("attention_target", "attention_sum"):
+                out.setdefault(ln.get_gid(), []).append(np.asarray(ln.get_ydata()))
+    return out
+
+
+@pytest.mark.parametrize("n_head", [1, 4])
+def test_show_attention_adds_a_row_per_head_with_the_softmax_of_target_and_sum(n_head):
+    data = synthetic(n_head)
+    assert _attention_lines(validation_figure(data)) == {}  # off by default
+    data.show_attention = True
+    fig = validation_figure(data)
+    lines = _attention_lines(fig)
+    T, S = data.verdict.target, data.verdict.component_sum
+    assert len(lines["attention_target"]) == len(lines["attention_sum"]) == n_head
+    for h in range(n_head):
+        a = lines["attention_target"][h]
+        np.testing.assert_allclose(a.sum(), 1.0, rtol=1e-12)
+        np.testing.assert_allclose(a, np.exp(T[h]) / np.exp(T[h]).sum(), rtol=1e-12)
+        np.testing.assert_allclose(lines["attention_sum"][h], np.exp(S[h]) / np.exp(S[h]).sum())
+    gaps = [t.get_text() for ax in fig.axes for t in ax.texts if t.get_gid() == "attention_gap"]
+    assert len(gaps) == n_head and gaps[0].startswith("max |Δ attention| = ")
+    labels = [t.get_text() for ax in fig.axes for t in ax.texts if t.get_gid() == "key"]
+    assert "tok11 ·11" in labels  # the keys are labelled under the attention row
+
+
+def test_show_attention_is_the_softmax_of_the_targets_own_logits(genuine_run, genuine_tokens):
+    v = Validator(
+        genuine_run, genuine_tokens, [0], Settings(run_id="x", top_n=3, show_attention=True)
+    )
+    layer, i = 1, 30
+    data = item_plot_data(v, layer, 0, i)
+    assert data.show_attention
+    cap, row = v.capture(0)
+    logits = cap.logits[layer][row, :, i, : i + 1].double().numpy()  # (head, key)
+    got = _attention_lines(validation_figure(data))["attention_target"]
+    for h, a in enumerate(got):
+        np.testing.assert_allclose(a.sum(), 1.0, rtol=1e-9)
+        want = np.exp(logits[h] - logits[h].max())
+        np.testing.assert_allclose(a, want / want.sum(), rtol=1e-6, atol=1e-9)
