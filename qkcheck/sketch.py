@@ -30,6 +30,8 @@ import torch
 ALPHA = 0.005
 #: values at or below this count as zero
 ZERO = 1e-30
+#: where :meth:`QuantileSketch.add` puts them while bucketing: a key below any value > ZERO
+_BELOW_ZERO = 1e-33
 
 
 class QuantileSketch:
@@ -55,24 +57,29 @@ class QuantileSketch:
         return self._add_counts(np.asarray(values, dtype=np.float64).reshape(-1), np)
 
     def _add_counts(self, x, xp) -> QuantileSketch:
-        """:meth:`add` for a flat float64 array of module ``xp`` (numpy or torch)."""
-        if not x.shape[0]:
+        """:meth:`add` for a flat float64 array of module ``xp`` (numpy or torch): every
+        value's bucket key in one pass, values at or below :data:`ZERO` sent to a key of
+        their own below every positive value's (no boolean gather), then one bincount."""
+        n = int(x.shape[0])
+        if not n:
             return self
-        if not bool(xp.isfinite(x).all()) or bool((x < 0).any()):
+        lo_value, hi_value = float(x.min()), float(x.max())
+        if not (lo_value >= 0 and hi_value < math.inf):  # NaN fails both comparisons
             raise ValueError("QuantileSketch takes finite values ≥ 0")
-        positive = x[x > ZERO]
-        self.zeros += int(x.shape[0] - positive.shape[0])
-        if positive.shape[0]:  # bucket keys span a few thousand values: count them, don't sort
-            keys = xp.ceil(xp.log(positive) / self._log_gamma)
-            keys = keys.astype(np.int64) if xp is np else keys.long()
-            lo = int(keys.min())
-            counts = xp.bincount(keys - lo)
-            occupied = xp.flatnonzero(counts) if xp is np else counts.nonzero()[:, 0]
-            for k, c in zip(occupied.tolist(), counts[occupied].tolist(), strict=True):
+        zero_key = math.ceil(math.log(_BELOW_ZERO) / self._log_gamma)
+        keys = xp.ceil(xp.log(xp.where(x > ZERO, x, _BELOW_ZERO)) / self._log_gamma)
+        keys = keys.astype(np.int64) if xp is np else keys.long()
+        lo = min(int(keys.min()), zero_key)
+        counts = xp.bincount(keys - lo)
+        occupied = xp.flatnonzero(counts) if xp is np else counts.nonzero()[:, 0]
+        for k, c in zip(occupied.tolist(), counts[occupied].tolist(), strict=True):
+            if k + lo == zero_key:
+                self.zeros += int(c)
+            else:
                 self.buckets[k + lo] = self.buckets.get(k + lo, 0) + int(c)
-        self.count += int(x.shape[0])
-        self.min = min(self.min, float(x.min()))
-        self.max = max(self.max, float(x.max()))
+        self.count += n
+        self.min = min(self.min, lo_value)
+        self.max = max(self.max, hi_value)
         return self
 
     def merge(self, other: QuantileSketch) -> QuantileSketch:

@@ -12,6 +12,7 @@ Nothing here imports pytest.
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
@@ -404,7 +405,13 @@ class Validator:
             proj = project_layer(inp.x, w, layout, inp.positions)  # O(T·d), once
             for i0, i1 in group_chunks(T, layout.n_head, itemsize, self.settings.chunk_mib):
                 dec, chosen = self._block(inp, proj, i0, i1)
-                rows.reduce(dec, chosen, inp.allowed[i0:i1, :i1], tol)
+                allowed = inp.allowed[i0:i1, :i1]
+                attended = (
+                    _causal_block_index(i0, i1, str(dev))
+                    if self.document_ids is None
+                    else allowed.flatten().nonzero()[:, 0]
+                )
+                rows.reduce(dec, chosen, allowed, attended, tol)
         return GroupResult(layer=layer, sample=sample, closure_tol=tol, **rows.results())
 
     # --- run-level quality ---------------------------------------------------------------
@@ -456,6 +463,16 @@ def _decomposed_only(
     return [i for i in layer_ids if i not in coverage.skipped]
 
 
+@functools.lru_cache(maxsize=256)
+def _causal_block_index(i0: int, i1: int, device: str) -> Tensor:
+    """Flat indices of ``j ≤ i`` in the ``(i1 − i0, i1)`` block of query rows ``i0:i1``
+    against keys ``0:i1``, row-major — what the causal mask selects, made once per chunk
+    shape instead of a ``nonzero`` per chunk."""
+    i = torch.arange(i0, i1, device=device)[:, None]
+    j = torch.arange(i1, device=device)[None, :]
+    return (j <= i).flatten().nonzero()[:, 0]
+
+
 @dataclass
 class _GroupInputs:
     """A (layer, sample)'s inputs: attention input ``x`` ``(1, pos, d_model)`` (in the
@@ -487,7 +504,11 @@ class _GroupRows:
         self.sum = self.sumsq = 0.0
         self.count = 0
 
-    def reduce(self, dec: LayerDecomposition, chosen: Tensor, allowed: Tensor, tol: float) -> None:
+    def reduce(
+        self, dec: LayerDecomposition, chosen: Tensor, allowed: Tensor, attended: Tensor, tol: float
+    ) -> None:
+        """One chunk: ``allowed`` ``(rows, keys)``, ``attended`` its True entries' flat
+        indices (what the boolean mask selects, gathered without it)."""
         above = ~allowed  # (rows, keys): keys the query does not attend to
         n_rows, n_keys = allowed.shape
         cerr = dec.closure_error[0].masked_fill(above, 0).amax(dim=(0, 2))
@@ -521,8 +542,8 @@ class _GroupRows:
             ("weight_bound", at(dec.weight_bound)),
         ):
             self.per_row.setdefault(name, []).append(t.cpu())
-        self.sketch.add(r_abs[:, allowed].float())  # bucketed on the device
-        tgt = dec.target[0][:, allowed].double()
+        self.sketch.add(r_abs.reshape(H, -1).index_select(1, attended).float())  # on the device
+        tgt = dec.target[0].reshape(H, -1).index_select(1, attended).double()
         self.sum += float(tgt.sum())
         self.sumsq += float((tgt**2).sum())
         self.count += int(tgt.numel())
