@@ -33,11 +33,46 @@ def layer_scope(nodeid: str, module_layers: Mapping[str, int]) -> str | None:
 
 
 class LayerScheduling(LoadScopeScheduling):
-    """xdist's ``loadscope`` with the layer (:func:`layer_scope`) as the scope."""
+    """xdist's ``loadscope`` with the layer (:func:`layer_scope`) as the scope.
+
+    Its bookkeeping is made linear: xdist counts a worker's pending tests by scanning every
+    test of its scopes after each report, and finds each test's index by a list search —
+    quadratic in a scope's size, minutes for 10,000-item layers (measured: 41k items under
+    ``-n 2`` spent most of their controller time there). Here a worker's pending count is
+    kept as tests are assigned and completed, and indices come from a dict."""
 
     def __init__(self, config, log=None, module_layers: Mapping[str, int] | None = None):
         super().__init__(config, log)
         self.module_layers = dict(module_layers or {})
+        self._index: dict = {}  # node -> {nodeid: its index in the node's collection}
+        self._pending: dict = {}  # node -> tests assigned to it and not yet completed
 
     def _split_scope(self, nodeid: str) -> str:
         return layer_scope(nodeid, self.module_layers) or nodeid
+
+    def add_node_collection(self, node, collection) -> None:
+        super().add_node_collection(node, collection)
+        if node in self.registered_collections:
+            self._index[node] = {nodeid: i for i, nodeid in enumerate(collection)}
+
+    def _assign_work_unit(self, node) -> None:
+        scope, work_unit = self.workqueue.popitem(last=False)
+        self.assigned_work.setdefault(node, {})[scope] = work_unit
+        index = self._index[node]
+        todo = [index[nodeid] for nodeid, done in work_unit.items() if not done]
+        self._pending[node] = self._pending.get(node, 0) + len(todo)
+        node.send_runtest_some(todo)
+
+    def mark_test_complete(self, node, item_index: int, duration: float = 0) -> None:
+        nodeid = self.registered_collections[node][item_index]
+        work_unit = self.assigned_work[node][self._split_scope(nodeid)]
+        if not work_unit[nodeid]:
+            work_unit[nodeid] = True
+            self._pending[node] -= 1
+        self._reschedule(node)
+
+    def _pending_of(self, workload) -> int:
+        for node, assigned in self.assigned_work.items():
+            if assigned is workload:
+                return self._pending.get(node, 0)
+        return super()._pending_of(workload)  # a removed node's workload (a crash)
