@@ -164,6 +164,13 @@ class TargetModel(nn.Module):
         """Build with random weights from an spd model config (``source`` names its file)."""
         raise NotImplementedError
 
+    def adopt(self, settings: Any) -> None:
+        """Keep an spd architecture's ``settings`` and the sizes every target exposes."""
+        self.settings = settings
+        self.n_ctx = settings.block_size
+        self.vocab_size = settings.vocab_size
+        self.n_layer = settings.n_layer
+
     #: ``settings`` fields :meth:`describe` names
     described: ClassVar[tuple[str, ...]] = ()
 

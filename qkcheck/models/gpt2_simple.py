@@ -125,10 +125,7 @@ class GPT2Simple(TargetModel):
 
     def __init__(self, settings: GPT2Settings) -> None:
         super().__init__()
-        self.settings = settings
-        self.n_ctx = settings.block_size
-        self.vocab_size = settings.vocab_size
-        self.n_layer = settings.n_layer
+        self.adopt(settings)
         self.wte = nn.Embedding(settings.vocab_size, settings.n_embd)
         self.wpe = nn.Embedding(settings.block_size, settings.n_embd)
         self.h = nn.ModuleList(GPT2Block(settings, i) for i in range(settings.n_layer))

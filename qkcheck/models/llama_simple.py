@@ -207,10 +207,7 @@ class LlamaFamily(TargetModel):
 
     def __init__(self, settings: LlamaSettings) -> None:
         super().__init__()
-        self.settings = settings
-        self.n_ctx = settings.block_size
-        self.vocab_size = settings.vocab_size
-        self.n_layer = settings.n_layer
+        self.adopt(settings)
         self.wte = nn.Embedding(settings.vocab_size, settings.n_embd)
         self.h = nn.ModuleList(
             LlamaBlock(settings, i, self.make_mlp(settings)) for i in range(settings.n_layer)

@@ -8,7 +8,7 @@ target model, CI functions, samples, token labels — is built on first use.
 from __future__ import annotations
 
 import os
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -25,7 +25,7 @@ from qkcheck.errors import (
     UnsupportedError,
 )
 from qkcheck.models import build_target_model, resolve_model_class
-from qkcheck.models.base import AttentionSpec, Capture
+from qkcheck.models.base import Capture
 from qkcheck.models.hf import HFTarget, hf_arch, is_hf_class, read_hf_config
 from qkcheck.models.hf_hub import find_snapshot
 from qkcheck.runs.checkpoint import (
@@ -48,6 +48,7 @@ from qkcheck.runs.resolve import (
     resolve_pretrain,
     resolve_run,
 )
+from qkcheck.runs.target_run import TargetRun
 from qkcheck.samples import (
     Samples,
     TokenLabels,
@@ -145,7 +146,7 @@ def _read_model_config(pre: PretrainFiles, config: SPDConfig) -> dict[str, Any]:
     )
 
 
-class Run:
+class Run(TargetRun):
     """One SPD run at one checkpoint step. Build with :func:`load_run`.
 
     Tensors shapes use ``batch pos query_pos key_pos head comp d_in d_out``. Nothing here
@@ -189,9 +190,6 @@ class Run:
         self._target = split.target
         self._components: dict[str, Components] = split.components
         self._ci_state = split.ci_state
-
-    def __repr__(self) -> str:
-        return f"<Run {self.name} step={self.step} from {self.files.run_dir}>"
 
     # --- the decomposition -------------------------------------------------------------------
 
@@ -265,44 +263,6 @@ class Run:
             source=str(self.files.checkpoint),
             config_source=str(self.files.model_config),
         )
-
-    @property
-    def layers(self) -> list[AttentionSpec]:
-        """One spec per attention layer of the target model."""
-        return self.model.attention_specs()  # type: ignore[operator]
-
-    @property
-    def n_ctx(self) -> int:
-        return int(self.model.n_ctx)  # type: ignore[arg-type]
-
-    @property
-    def vocab_size(self) -> int:
-        return int(self.model.vocab_size)  # type: ignore[arg-type]
-
-    def capture(
-        self,
-        tokens: Tensor,
-        modules: Collection[str] | None = None,
-        document_ids: Tensor | None = None,
-    ) -> Capture:
-        """One forward pass over ``tokens`` ``(batch, pos)``: every layer's attention input and
-        pre-softmax logits, and the input of every Linear (or only of those in ``modules``).
-        ``document_ids`` ``(batch, pos)``: see :mod:`qkcheck.documents`. Runs where the model
-        is (:meth:`to`); the captured tensors are on that device."""
-        tokens = check_tokens(tokens, vocab_size=self.vocab_size, n_ctx=self.n_ctx)
-        return self.model.capture(tokens, modules, document_ids=document_ids)  # type: ignore[operator]
-
-    def target_attention_logits(self, tokens: Tensor) -> dict[int, Tensor]:
-        """``layer -> (batch, head, query_pos, key_pos)`` pre-softmax logits from the target
-        model's own attention (entries above the diagonal unspecified)."""
-        return self.capture(tokens).logits
-
-    def to(self, device: torch.device | str) -> Run:
-        """Run the target model on ``device`` from now on (moved once, in place; nothing
-        happens when it is there already): :meth:`capture` moves its tokens there and its
-        captures stay there. Weights and components are still returned on the CPU."""
-        self.model.to(device)
-        return self
 
     # --- causal importances ------------------------------------------------------------------
 

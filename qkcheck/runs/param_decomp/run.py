@@ -8,7 +8,7 @@ first use, one stack slice per module (see :mod:`qkcheck.runs.param_decomp.orbax
 from __future__ import annotations
 
 import os
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -24,7 +24,7 @@ from qkcheck.errors import (
     SamplesError,
     UnsupportedError,
 )
-from qkcheck.models.base import AttentionSpec, Capture
+from qkcheck.models.base import Capture
 from qkcheck.models.common import TargetModel
 from qkcheck.runs.param_decomp.launch_config import LaunchConfig, read_launch_config
 from qkcheck.runs.param_decomp.orbax import CheckpointItem, find_item
@@ -40,6 +40,7 @@ from qkcheck.runs.param_decomp.target import (
     find_pretrain_cache,
     load_pretrained_target,
 )
+from qkcheck.runs.target_run import TargetRun
 from qkcheck.samples import (
     TOKEN_FILE_SUFFIXES,
     Samples,
@@ -95,7 +96,7 @@ def load_param_decomp_run(
     return ParamDecompRun(found, files, config, model_config, model, item, os.fspath(source))
 
 
-class ParamDecompRun:
+class ParamDecompRun(TargetRun):
     """One param-decomp run at one checkpoint step, with the attributes and methods of
     :class:`~qkcheck.runs.run.Run` (shapes ``batch pos query_pos key_pos head comp``)."""
 
@@ -130,9 +131,6 @@ class ParamDecompRun:
             site = next(s for s in self._sites.values() if s.kind == kind)
             n = sum(s.kind == kind for s in self._sites.values())
             check_stack(site, n, item.shape(site.V_key), item.shape(site.U_key), str(item.dir))
-
-    def __repr__(self) -> str:
-        return f"<ParamDecompRun {self.name} step={self.step} from {self.files.run_dir}>"
 
     # --- the decomposition -------------------------------------------------------------------
 
@@ -179,38 +177,6 @@ class ParamDecompRun:
                 f"({self.files.config}: decomposition.sites); decomposed modules: "
                 f"{', '.join(self._sites)}"
             ) from None
-
-    # --- the target model --------------------------------------------------------------------
-
-    @property
-    def layers(self) -> list[AttentionSpec]:
-        return self.model.attention_specs()
-
-    @property
-    def n_ctx(self) -> int:
-        return int(self.model.n_ctx)
-
-    @property
-    def vocab_size(self) -> int:
-        return int(self.model.vocab_size)
-
-    def capture(
-        self,
-        tokens: Tensor,
-        modules: Collection[str] | None = None,
-        document_ids: Tensor | None = None,
-    ) -> Capture:
-        """One forward pass over ``tokens`` ``(batch, pos)`` (see Run.capture)."""
-        tokens = check_tokens(tokens, vocab_size=self.vocab_size, n_ctx=self.n_ctx)
-        return self.model.capture(tokens, modules, document_ids=document_ids)
-
-    def target_attention_logits(self, tokens: Tensor) -> dict[int, Tensor]:
-        return self.capture(tokens).logits
-
-    def to(self, device: torch.device | str) -> ParamDecompRun:
-        """Run the target model on ``device`` (see :meth:`Run.to`)."""
-        self.model.to(device)
-        return self
 
     # --- causal importances ------------------------------------------------------------------
 
