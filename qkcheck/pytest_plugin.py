@@ -80,7 +80,6 @@ class _State:
         self.report_error: str | None = None
         self._previous_sigterm: Any = None
         self.measured = None  # qkcheck.gate.Measured, built by the first qk_baseline
-        self.running: pytest.Item | None = None  # the test being called (qk_record's target)
         self.threads: int | None = None  # torch CPU threads (--qk-threads), set at configure
 
     @property
@@ -522,15 +521,13 @@ def qk_settings(request: pytest.FixtureRequest):
     return _state(request.config).settings
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def qk_record(request: pytest.FixtureRequest):
-    """``qk_record(kind, data)``: record the running test's item (``"item"``) or layer
-    (``"layer"``) results for the end-of-session summary. Session-scoped (a function-scoped
-    fixture costs every one of 40k items its setup): it records on the test being run."""
-    state = _state(request.config)
+    """``qk_record(kind, data)``: record an item's (``"item"``) or a layer's (``"layer"``)
+    results for the end-of-session summary."""
 
     def record(kind: str, data: dict[str, Any]) -> None:
-        state.running.stash.setdefault(_RECORD, {})[kind] = data
+        request.node.stash.setdefault(_RECORD, {})[kind] = data
 
     return record
 
@@ -558,14 +555,6 @@ def qk_baseline(request: pytest.FixtureRequest, qk, qk_settings, qk_record):
 
 
 # --- artifacts: figures of the worst items, drawn at session end -----------------------------
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_runtest_call(item: pytest.Item) -> None:
-    """The test ``qk_record`` records on."""
-    state = item.config.stash.get(_STATE, None)
-    if state is not None:
-        state.running = item
 
 
 @pytest.hookimpl(hookwrapper=True)
