@@ -229,6 +229,9 @@ class Validator:
         self._captures = _LRU(1)  # items come sample-major
         #: every group computed so far (compact: per query position and statistics)
         self._groups: dict[tuple[int, int], GroupResult] = {}
+        #: the group whose per-query lists are built: items come group by group, and the
+        #: lists (Python numbers) cost ~30× the group's own tensors
+        self._listed: GroupResult | None = None
         self._weights: dict[int, LayerWeights] = {}
         self._delta_fractions: dict[str, float] | None = None
         self.n_forward = 0
@@ -338,7 +341,12 @@ class Validator:
         return g
 
     def item(self, layer: int, sample: int, query_pos: int) -> ItemResult:
-        return self.group(layer, sample).item(query_pos, self.settings.bound)
+        g = self.group(layer, sample)
+        if g is not self._listed:  # per-query lists (GroupResult.item) for one group at a time
+            if self._listed is not None:
+                self._listed._rows = None
+            self._listed = g
+        return g.item(query_pos, self.settings.bound)
 
     def query_row(self, layer: int, sample: int, i: int) -> tuple[Tensor, Tensor, Tensor]:
         """Query position ``i``'s component sum (components and bias), the target model's

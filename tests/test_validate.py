@@ -117,3 +117,23 @@ def test_the_closure_tolerance_follows_the_coarser_precision():
     assert closure_tolerance(torch.bfloat16, 64, 48, 16, 64) == pytest.approx(
         f32 * torch.finfo(torch.bfloat16).eps / torch.finfo(torch.float32).eps
     )
+
+
+def test_items_read_their_groups_numbers_and_only_the_current_group_keeps_lists(
+    genuine_run, genuine_tokens
+):
+    """An item equals its group's per-query tensors at its row; the Python lists it is read
+    from exist for one group at a time (a long run keeps every group's compact tensors,
+    not 30× as much in lists)."""
+    v = _validator(genuine_run, genuine_tokens)
+    first = v.item(LAYER, SAMPLES[0], 7)
+    g = v.group(LAYER, SAMPLES[0])
+    assert (first.ratio, first.head, first.key) == (
+        float(g.ratio[7]),
+        int(g.head[7]),
+        int(g.key[7]),
+    )
+    assert first.closure_error == float(g.closure_error[7]) and first.r == float(g.r[7])
+    v.item(LAYER, SAMPLES[1], 7)
+    assert g._rows is None and v.group(LAYER, SAMPLES[1])._rows is not None
+    assert v.item(LAYER, SAMPLES[0], 7) == first  # rebuilt on demand, same numbers
