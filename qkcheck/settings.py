@@ -214,7 +214,8 @@ def torch_threads(setting: int | str, workers: int | None = None) -> int:
     cores = os.cpu_count() or 1
     if workers:
         return max(1, cores // workers)
-    return max(1, min(cores, int(cores - os.getloadavg()[0] + 0.5)))
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0  # not on Windows
+    return max(1, min(cores, int(cores - load + 0.5)))
 
 
 def parse_settings(opt) -> Settings:

@@ -20,11 +20,11 @@ integer per occupied bucket, about 230 per decade of values at α = 0.5 %.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-import torch
 
 #: default relative accuracy of :meth:`QuantileSketch.quantile`
 ALPHA = 0.005
@@ -52,7 +52,8 @@ class QuantileSketch:
         """Count every value of ``values`` (array-like, ≥ 0, finite); returns ``self``. A
         torch tensor is bucketed where it lies (a GPU's values never cross to the host:
         only the occupied buckets' counts do), in float64 as an array is."""
-        if isinstance(values, torch.Tensor):
+        torch = sys.modules.get("torch")  # a tensor implies torch is imported: never import it
+        if torch is not None and isinstance(values, torch.Tensor):
             return self._add_counts(values.detach().reshape(-1).double(), torch)
         return self._add_counts(np.asarray(values, dtype=np.float64).reshape(-1), np)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -143,21 +143,23 @@ class GroupResult:
     target_sum: float
     target_sumsq: float
     target_count: int
-    #: the per-query tensors as lists, built by the first :meth:`item`
-    _rows: dict[str, list] | None = field(default=None, repr=False, compare=False)
 
-    def item(self, query_pos: int, bound_kind: str) -> ItemResult:
-        rows = self._rows
-        if rows is None:  # per-query values as Python numbers, once per group (not per item)
-            rows = self._rows = {f: getattr(self, f).tolist() for f in _PER_QUERY}
-        i = query_pos
+    def rows(self) -> dict[str, list]:
+        """The per-query tensors as Python lists (read by :meth:`item`)."""
+        return {f: getattr(self, f).tolist() for f in _PER_QUERY}
+
+    def item(
+        self, query_pos: int, bound_kind: str, rows: dict[str, list] | None = None
+    ) -> ItemResult:
+        """One item's verdict; ``rows``: :meth:`rows`, built once for many items."""
+        rows = self.rows() if rows is None else rows
         return ItemResult(
             layer=self.layer,
             sample=self.sample,
-            query_pos=i,
+            query_pos=query_pos,
             closure_tol=self.closure_tol,
             bound_kind=bound_kind,
-            **{f: rows[f][i] for f in _PER_QUERY},
+            **{f: rows[f][query_pos] for f in _PER_QUERY},
         )
 
 
@@ -229,9 +231,9 @@ class Validator:
         self._captures = _LRU(1)  # items come sample-major
         #: every group computed so far (compact: per query position and statistics)
         self._groups: dict[tuple[int, int], GroupResult] = {}
-        #: the group whose per-query lists are built: items come group by group, and the
-        #: lists (Python numbers) cost ~30× the group's own tensors
-        self._listed: GroupResult | None = None
+        #: the group whose per-query lists :meth:`item` reads (GroupResult.rows): kept for
+        #: one group only, since the lists (Python numbers) cost ~30× its tensors
+        self._listed: tuple[GroupResult | None, dict[str, list]] = (None, {})
         self._weights: dict[int, LayerWeights] = {}
         self._delta_fractions: dict[str, float] | None = None
         self.n_forward = 0
@@ -342,11 +344,9 @@ class Validator:
 
     def item(self, layer: int, sample: int, query_pos: int) -> ItemResult:
         g = self.group(layer, sample)
-        if g is not self._listed:  # per-query lists (GroupResult.item) for one group at a time
-            if self._listed is not None:
-                self._listed._rows = None
-            self._listed = g
-        return g.item(query_pos, self.settings.bound)
+        if self._listed[0] is not g:  # items come group by group: lists for one at a time
+            self._listed = (g, g.rows())
+        return g.item(query_pos, self.settings.bound, self._listed[1])
 
     def query_row(self, layer: int, sample: int, i: int) -> tuple[Tensor, Tensor, Tensor]:
         """Query position ``i``'s component sum (components and bias), the target model's
