@@ -236,9 +236,9 @@ def write_figures(
     validator, items: Sequence[tuple[int, int, int]], out_dir: Path, workers: int | None = None
 ) -> list[list[Path] | BaseException]:
     """Figures of several items, pipelined: each item's data is assembled here (torch) and
-    its figures handed at once to spawned worker processes (plain numpy data), so ranking
-    the next item overlaps drawing the previous ones. One item is drawn in this process.
-    Per item its paths, or the exception raised."""
+    its figures handed at once to worker processes (plain numpy data; qkcheck.workers), so
+    ranking the next item overlaps drawing the previous ones. One item is drawn in this
+    process. Per item its paths, or the exception raised."""
     if len(items) <= 1 or (workers is not None and workers <= 1):
         out: list[list[Path] | BaseException] = []
         for it in items:
@@ -247,19 +247,20 @@ def write_figures(
             except Exception as e:  # reported per item, never lost
                 out.append(e)
         return out
-    import multiprocessing
     import os
     from concurrent.futures import ProcessPoolExecutor
 
+    from qkcheck import workers as drawing
     from qkcheck.plots import draw_job, figure_jobs
 
+    drawing.start()  # the fork server imports matplotlib while the first item is ranked
     n = workers or os.cpu_count() or 1
     pending: list[list | BaseException] = []
     # the workers draw on the cores: torch here gets what they leave, at least one thread
     # (two threads contending with them made the ranking 3x slower)
     threads = max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) - n))
-    spawn = multiprocessing.get_context("spawn")
-    with _torch_threads(threads), ProcessPoolExecutor(n, mp_context=spawn) as pool:
+    ctx = drawing.context()
+    with _torch_threads(threads), ProcessPoolExecutor(n, mp_context=ctx) as pool:
         for it in items:
             try:
                 data = item_plot_data(validator, *it)

@@ -1,7 +1,7 @@
 """Figures for one item (docs/design.md §8), headless (Agg), free of torch and of global
-state but a per-process cache of rasterised strings (:class:`_Renderer`):
+state but a per-process cache of rasterised strings (qkcheck.plot_render):
 :class:`ItemPlotData` holds plain numpy arrays, so figures can be drawn in worker processes
-(:func:`draw_item`, :func:`draw_items`).
+(:func:`draw_job`; qkcheck.figures.write_figures).
 
 * :func:`validation_figure` — the verdict. Per head: target and component sum over key
   positions on one axis; below it, aligned on the same keys, the residual
@@ -27,19 +27,19 @@ from __future__ import annotations
 import colorsys
 import functools
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from matplotlib import font_manager
-from matplotlib.backends.backend_agg import FigureCanvasAgg, RendererAgg, get_hinting_flag
 from matplotlib.collections import LineCollection
 from matplotlib.figure import Figure
 from matplotlib.ft2font import FT2Font
 from matplotlib.lines import Line2D
+from matplotlib.transforms import TransformedPatchPath
 
+from qkcheck.plot_render import Canvas, Key, Label, Labels, PanelLegend, ValueAxis, png_bytes
 from qkcheck.util import atomic_path, safe_name
 
 #: up to this many keys every key is labelled; beyond, each panel's peaks and the query
@@ -138,88 +138,6 @@ class ItemPlotData:
         return [f"{self.stem()}_{self.mode}_{k}.png" for k in kinds]
 
 
-# --- text: each string rasterised once per process --------------------------------------------
-
-#: rasterised strings and their metrics, per process (figures repeat most of their strings:
-#: tick labels, key labels, the query's label, component labels across heads and figures)
-_TEXT_IMAGES: dict[tuple, tuple[np.ndarray, float, float, float]] = {}
-_TEXT_METRICS: dict[tuple, tuple[float, float, float]] = {}
-#: matplotlib ≥ 3.11 renders text glyph by glyph (and passes draw_text the baseline)
-_GLYPH_BY_GLYPH = hasattr(RendererAgg, "_draw_text_glyphs_and_boxes")
-#: entries kept before a cache is emptied
-TEXT_CACHE_SIZE = 20_000
-
-
-class _Renderer(RendererAgg):
-    """Agg with a cache of rasterised strings.
-
-    matplotlib ≥ 3.11 lays out and renders every glyph of every text through Python (~0.1 ms
-    a glyph, ~9,000 glyphs an item: the largest cost of the figures). Here a string is
-    rasterised once — FreeType's whole-string bitmap, the way matplotlib drew text before —
-    and blitted wherever it recurs, rotated in raster space; its metrics are kept too.
-    Anything else (mathtext; a matplotlib that draws whole strings itself, before 3.11) is
-    drawn by matplotlib."""
-
-    def _text_key(self, s: str, prop) -> tuple:
-        fonts = tuple(font_manager.fontManager._find_fonts_by_props(prop))
-        return (fonts, prop.get_size_in_points(), self.dpi, s, get_hinting_flag())
-
-    def draw_text(self, gc, x, y, s, prop, angle, ismath=False, mtext=None):
-        if ismath or not _GLYPH_BY_GLYPH:
-            return super().draw_text(gc, x, y, s, prop, angle, ismath, mtext)
-        try:
-            key = (*self._text_key(s, prop), gc.get_antialiased())
-            hit = _TEXT_IMAGES.get(key)
-            if hit is None:
-                font = self._prepare_font(prop)
-                font.set_text(s, 0, flags=get_hinting_flag())
-                font.draw_glyphs_to_bitmap(antialiased=gc.get_antialiased())
-                xo, yo = font.get_bitmap_offset()
-                image = np.array(font.get_image(), dtype=np.uint8)
-                hit = (image, xo / 64, yo / 64, font.get_descent() / 64)
-                _put(_TEXT_IMAGES, key, hit)
-            image, xo, yo, d = hit
-            # (x, y): the baseline's start (matplotlib ≥ 3.11); the bitmap's lower left lies
-            # a descent below it, turned with the text (fitted to within 0.3 px of the ink of
-            # matplotlib's own rendering at 0° and 90°, see tests/test_plots.py)
-            sin, cos = math.sin(math.radians(angle)), math.cos(math.radians(angle))
-            bx, by = round(x + xo + (d + 1) * sin), round(y + yo + d * cos - sin) + 1
-            self._renderer.draw_text_image(image, bx, by, angle, gc)
-        except (AttributeError, TypeError):  # not the matplotlib this was written for
-            super().draw_text(gc, x, y, s, prop, angle, ismath, mtext)
-
-    def get_text_width_height_descent(self, s, prop, ismath):
-        try:
-            key = None if ismath else self._text_key(s, prop)
-        except AttributeError:  # another matplotlib
-            key = None
-        if key is None:
-            return super().get_text_width_height_descent(s, prop, ismath)
-        hit = _TEXT_METRICS.get(key)
-        if hit is None:
-            hit = super().get_text_width_height_descent(s, prop, ismath)
-            _put(_TEXT_METRICS, key, hit)
-        return hit
-
-
-def _put(cache: dict, key: tuple, value) -> None:
-    if len(cache) >= TEXT_CACHE_SIZE:
-        cache.clear()
-    cache[key] = value
-
-
-class _Canvas(FigureCanvasAgg):
-    """FigureCanvasAgg drawing with :class:`_Renderer`."""
-
-    def get_renderer(self):
-        w, h = self.get_width_height(physical=True)
-        key = w, h, self.figure.dpi
-        if getattr(self, "_lastKey", None) != key:
-            self.renderer = _Renderer(w, h, self.figure.dpi)
-            self._lastKey = key
-        return self.renderer
-
-
 # --- colours, tokens, axes ---------------------------------------------------------------------
 
 #: reserved for the summary lines, never a pair's colour
@@ -316,38 +234,55 @@ def _key_axis(
     (``labels``: this panel shows them), else the panel's ``peaks`` and the query; the query
     key marked by a dotted line and a bold red label.
 
-    Labels are plain text artists (gid ``"key"``) under the axis and the axis has no
-    ticks: a matplotlib tick (two marks, two labels, a grid line) costs ~10× a text, and
-    64 of them per panel dominated the figures' cost."""
+    The labels are one :class:`~qkcheck.plot_render.Labels` artist (gid ``"key"``) under
+    the axis, and the axis has no ticks (a matplotlib tick costs ~10× a label)."""
     J, q = data.n_keys, data.n_keys - 1
     if J <= LABEL_ALL_KEYS:
         keys = list(range(J))
     else:
         labels = not never  # each panel its own peaks
         keys = sorted({0, *peaks, q})
-    ax.set_xticks([])
+    ax.xaxis.set_visible(False)
     if labels:
+        entries = [
+            Label(
+                t,
+                -0.02,
+                f"{_cut(display_token(data.tokens[t]))} ·{t}",
+                color=TARGET_COLOR if t == q else "black",
+                weight="bold" if t == q else None,
+            )
+            for t in keys
+        ]
         size = 6 if len(keys) <= 40 else 5
-        tr = ax.get_xaxis_transform()
-        for t in keys:
-            last = t == q
-            ax.text(
-                t, -0.02, f"{_cut(display_token(data.tokens[t]))} ·{t}", transform=tr,
-                rotation=90, ha="center", va="top", fontsize=size, gid="key",
-                color=TARGET_COLOR if last else "black", fontweight="bold" if last else None,
-            )  # fmt: skip
+        art = Labels(entries, ax.get_xaxis_transform(), size=size, angle=90, ha="center",
+                     va="top", gid="key")  # fmt: skip
+        art.set_clip_on(False)
+        ax.add_artist(art)
     ax.set_xlim(-0.5, J - 0.5)
     ax.axvline(q, color=TARGET_COLOR, ls=":", lw=0.8, alpha=0.6, zorder=0)
     ax.axhline(0, color="0.8", lw=0.6, zorder=0)
 
 
 def _y_axis(ax, label: str) -> None:
-    """The value axis: its label and at most five labelled ticks (each tick is costly)."""
-    from matplotlib.ticker import MaxNLocator
+    """The value axis (:class:`~qkcheck.plot_render.ValueAxis`): its label and at most five
+    labelled ticks, in place of matplotlib's y axis."""
+    ax.yaxis.set_visible(False)
+    art = ValueAxis(ax, label)
+    art.set_clip_on(False)
+    ax.add_artist(art)
 
-    ax.yaxis.set_major_locator(MaxNLocator(4))
-    ax.set_ylabel(label, fontsize=7)
-    ax.tick_params(axis="y", labelsize=6, length=2.5)
+
+def _line(ax, x, y, **style) -> Line2D:
+    """A line added to ``ax`` without ``Axes.plot``'s argument parsing and data-limit
+    bookkeeping (every panel's limits are set explicitly), clipped to the panel."""
+    ln = Line2D(x, y, **style)
+    clip = getattr(ax, "_qk_clip", None)
+    if clip is None:
+        clip = ax._qk_clip = TransformedPatchPath(ax.patch)
+    ln.set_clip_path(clip)
+    ax.add_artist(ln)
+    return ln
 
 
 def _markevery(J: int) -> int:
@@ -362,24 +297,25 @@ def _lines(ax, x, curves, colors, markers, widths, J, gids) -> None:
     ax.add_collection(lc)
     step = _markevery(J)
     for c, col, m, gid in zip(curves, colors, markers, gids, strict=True):
-        (ln,) = ax.plot(x[::step], c[::step], ls="none", marker=m, ms=3, color=col, zorder=3)
-        ln.set_gid(gid)
+        _line(ax, x[::step], c[::step], ls="none", marker=m, ms=3, color=col, zorder=3, gid=gid)
+
+
+#: the summary lines' styles (line and legend key)
+STYLES = {
+    "target": dict(color=TARGET_COLOR, ls="--", lw=1.5, marker="x"),
+    "sum": dict(color=SUM_COLOR, ls="-", lw=1.6, marker="."),
+    "top": dict(color=SUM_COLOR, ls="--", lw=1.0, marker=None),
+    "rest": dict(color=SUM_COLOR, ls=":", lw=1.1, marker=None),
+    "delta": dict(color=DELTA_COLOR, ls="-.", lw=1.0, marker=None),
+    "bias": dict(color=BIAS_COLOR, ls=(0, (5, 1, 1, 1, 1, 1)), lw=1.0, marker=None),
+}
 
 
 def _style_line(ax, x, y, kind: str, J: int):
-    styles = {
-        "target": dict(color=TARGET_COLOR, ls="--", lw=1.5, marker="x"),
-        "sum": dict(color=SUM_COLOR, ls="-", lw=1.6, marker="."),
-        "top": dict(color=SUM_COLOR, ls="--", lw=1.0, marker=None),
-        "rest": dict(color=SUM_COLOR, ls=":", lw=1.1, marker=None),
-        "delta": dict(color=DELTA_COLOR, ls="-.", lw=1.0, marker=None),
-        "bias": dict(color=BIAS_COLOR, ls=(0, (5, 1, 1, 1, 1, 1)), lw=1.0, marker=None),
-    }[kind]
+    style = dict(STYLES[kind])
     if J > LABEL_ALL_KEYS:
-        styles["marker"] = None  # hundreds of keys: markers would hide the lines
-    (ln,) = ax.plot(x, y, markevery=_markevery(J), ms=4, zorder=4, **styles)
-    ln.set_gid(kind)
-    return ln
+        style["marker"] = None  # hundreds of keys: markers would hide the lines
+    return _line(ax, x, y, markevery=_markevery(J), ms=4, zorder=4, gid=kind, **style)
 
 
 STYLE_LABELS = {
@@ -392,24 +328,30 @@ STYLE_LABELS = {
 }
 
 
-def _style_handles(kinds: Sequence[str], labels: dict[str, str] | None = None) -> list:
+def _style_keys(kinds: Sequence[str], labels: dict[str, str] | None = None) -> list[Key]:
     labels = {**STYLE_LABELS, **(labels or {})}
-    out = []
-    for k in kinds:
-        ln = Line2D([], [])
-        ln.update(
-            {
-                "target": dict(color=TARGET_COLOR, ls="--", lw=1.5, marker="x"),
-                "sum": dict(color=SUM_COLOR, ls="-", lw=1.6, marker="."),
-                "top": dict(color=SUM_COLOR, ls="--", lw=1.0),
-                "rest": dict(color=SUM_COLOR, ls=":", lw=1.1),
-                "delta": dict(color=DELTA_COLOR, ls="-.", lw=1.0),
-                "bias": dict(color=BIAS_COLOR, ls=(0, (5, 1, 1, 1, 1, 1)), lw=1.0),
-            }[k]
-        )
-        ln.set_label(labels[k])
-        out.append(ln)
-    return out
+    return [Key(labels[k], ms=4, **STYLES[k]) for k in kinds]
+
+
+def _panel_legend(ax, keys: Sequence[Key], ncols: int = 1) -> None:
+    """A panel's legend in its upper left corner, at most LEGEND_CAP entries (the rest
+    counted in a last entry)."""
+    shown = list(keys[:LEGEND_CAP])
+    if len(keys) > LEGEND_CAP:
+        shown.append(Key(f"… {len(keys) - LEGEND_CAP} more", ls="none"))
+    ax.add_artist(PanelLegend(shown, anchor=(0, 1), transform=ax.transAxes, ncols=ncols))
+
+
+def legend_labels(ax) -> list[str]:
+    """The labels of a panel's legend (empty without one)."""
+    return [t for a in ax.artists if isinstance(a, PanelLegend) for t in a.texts()]
+
+
+def key_labels(ax) -> list[str]:
+    """The key labels under a panel."""
+    return [
+        t for a in ax.artists if isinstance(a, Labels) and a.get_gid() == "key" for t in a.texts()
+    ]
 
 
 def _share_y(axes: Sequence, values: Sequence[np.ndarray], pad: float = 0.08) -> None:
@@ -435,17 +377,20 @@ def _figure(
     every_row_labelled: bool,
     title_lines: int = 3,
     sub: tuple[int, list[float], float] | None = None,
+    n_cells: int | None = None,
 ) -> tuple[Figure, list]:
     """A figure with a fixed layout computed here (no constrained layout: it draws every
     text twice). Rows of ``row_in`` inches; between rows room for a panel title and, where
     ``every_row_labelled``, the key labels. ``sub`` = (n, height ratios, gap in inches)
-    splits each cell into n stacked axes. Returns the figure and a (row, col[, sub]) grid."""
+    splits each cell into n stacked axes. Only the first ``n_cells`` cells (row-major; all
+    by default) get axes, the others are None (an axes costs ~8 ms to make). Returns the
+    figure and a (row, col[, sub]) grid."""
     top = TITLE_LINE_IN * title_lines + 0.15 + PANEL_TITLE_IN
     bottom = LEGEND_IN + LABEL_IN
     gap = PANEL_TITLE_IN + (LABEL_IN if every_row_labelled else 0.12)
     height = top + bottom + n_rows * row_in + (n_rows - 1) * gap
     fig = Figure(figsize=(width, height))
-    _Canvas(fig)
+    Canvas(fig)
     left, right, wgap = 0.6, 0.15, 0.55
     col_w = (width - left - right - (n_cols - 1) * wgap) / n_cols
     gs = fig.add_gridspec(
@@ -456,7 +401,9 @@ def _figure(
     for r in range(n_rows):
         row = []
         for c in range(n_cols):
-            if sub is None:
+            if n_cells is not None and r * n_cols + c >= n_cells:
+                row.append(None)
+            elif sub is None:
                 row.append(fig.add_subplot(gs[r, c]))
             else:
                 n, ratios, sgap = sub
@@ -466,9 +413,11 @@ def _figure(
     return fig, grid
 
 
-def _fig_legend(fig: Figure, handles: list, ncols: int) -> None:
-    fig.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, 0.0), ncols=ncols,
-               fontsize=7, frameon=False)  # fmt: skip
+def _fig_legend(fig: Figure, keys: Sequence[Key], ncols: int) -> None:
+    """The figure's legend of line kinds, centred at the bottom."""
+    fig.add_artist(PanelLegend(keys, anchor=(0.5, 0.0), transform=fig.transFigure,
+                               loc="lower center", size=7, ncols=ncols, handle_len=2.0,
+                               frame_alpha=None, gid="figure_legend"))  # fmt: skip
 
 
 def _units(data: ItemPlotData) -> str:
@@ -497,11 +446,10 @@ def combined_figure(data: ItemPlotData) -> Figure:
     ncols = min(4, max(1, math.ceil(math.sqrt(1.3 * n_panels))))
     nrows = math.ceil(n_panels / ncols)
     width = max(12.0, min(26.0, 3.6 * ncols + J * 0.035 * ncols))
-    fig, grid = _figure(width, nrows, ncols, 2.6, every_row_labelled=J > LABEL_ALL_KEYS)
-    cells = [ax for row in grid for ax in row]
-    axes = cells[:n_panels]
-    for ax in cells[n_panels:]:
-        ax.axis("off")
+    fig, grid = _figure(
+        width, nrows, ncols, 2.6, every_row_labelled=J > LABEL_ALL_KEYS, n_cells=n_panels
+    )
+    axes = [ax for row in grid for ax in row][:n_panels]
     all_pairs = list(dict.fromkeys([*data.mean_top, *(p for top in data.head_top for p in top)]))
     colors = dict(zip(all_pairs, palette(len(all_pairs)), strict=True))
     marker = {p: MARKERS[k % len(MARKERS)] for k, p in enumerate(all_pairs)}
@@ -542,13 +490,7 @@ def combined_figure(data: ItemPlotData) -> Figure:
         for kind, y in styles.items():
             _style_line(ax, x, y, kind, J)
         drawn.append([*curves, *styles.values()])
-        shown = min(len(pairs), LEGEND_CAP)
-        handles = [
-            Line2D([], [], color=colors[p], marker=marker[p], ms=3, lw=1.2, label=pair_label(p))
-            for p in pairs[:shown]
-        ]
-        if len(pairs) > shown:
-            handles.append(Line2D([], [], ls="none", label=f"… {len(pairs) - shown} more"))
+        keys = [Key(pair_label(p), colors[p], marker=marker[p]) for p in pairs]
         expl = float(np.abs(top_sum).max()) / max(float(np.abs(total).max()), 1e-12)
         title = "mean over heads" if h is None else f"head {h}"
         ax.set_title(
@@ -556,14 +498,7 @@ def combined_figure(data: ItemPlotData) -> Figure:
             fontsize=8,
             y=1.0,  # a fixed place: automatic placement measures every tick label
         )
-        ax.legend(
-            handles=handles,
-            fontsize=5.5,
-            loc="upper left",
-            ncols=2 if shown > 5 else 1,
-            framealpha=0.6,
-            handlelength=1.5,
-        )
+        _panel_legend(ax, keys, ncols=2 if min(len(keys), LEGEND_CAP) > 5 else 1)
         _y_axis(ax, _units(data))
         peaks = _peak_keys([styles.get("target", total), top_sum], PEAK_LABELS)
         _key_axis(ax, data, labels=n >= n_panels - ncols, peaks=peaks)
@@ -571,7 +506,7 @@ def combined_figure(data: ItemPlotData) -> Figure:
     kinds = ["sum", "top", "rest"] + (["target", "delta"] if weighted else [])
     if weighted and data.bias is not None and np.any(data.bias):
         kinds.append("bias")
-    _fig_legend(fig, _style_handles(kinds, {"top": f"top-{len(data.mean_top)} sum"}), len(kinds))
+    _fig_legend(fig, _style_keys(kinds, {"top": f"top-{len(data.mean_top)} sum"}), len(kinds))
     fig.suptitle(
         f"{_item_title(data, 'pairs (q-component·k-component)')}\n"
         f"q = {data.q_label}, k = {data.k_label}; lines of a panel: its own top pairs; "
@@ -593,7 +528,10 @@ def components_figure(data: ItemPlotData) -> Figure:
     head_cols = 1 if H == 1 else 2
     n_rows = math.ceil((H + 1) / head_cols)
     width = max(12.0, min(26.0, (3.4 + J * 0.03) * 2 * head_cols))
-    fig, rows = _figure(width, n_rows, 2 * head_cols, 2.3, every_row_labelled=J > LABEL_ALL_KEYS)
+    fig, rows = _figure(
+        width, n_rows, 2 * head_cols, 2.3, every_row_labelled=J > LABEL_ALL_KEYS,
+        n_cells=2 * (H + 1),
+    )  # fmt: skip
     grid = np.empty((n_rows, 2 * head_cols), dtype=object)
     for r, row in enumerate(rows):
         for c, ax in enumerate(row):
@@ -653,23 +591,8 @@ def components_figure(data: ItemPlotData) -> Figure:
             for kind, y in styles.items():
                 _style_line(ax, x, y, kind, J)
             drawn.append([*curves, *styles.values()])
-            shown = min(len(top), LEGEND_CAP)
-            handles = [
-                Line2D(
-                    [],
-                    [],
-                    color=color[(side, c)],
-                    marker=marker[(side, c)],
-                    ms=3,
-                    lw=1.2,
-                    label=f"{label}:{c}",
-                )
-                for c in top[:shown]
-            ]
-            if len(top) > shown:
-                handles.append(Line2D([], [], ls="none", label=f"… {len(top) - shown} more"))
-            ax.legend(
-                handles=handles, fontsize=5.5, loc="upper left", framealpha=0.6, handlelength=1.5
+            _panel_legend(
+                ax, [Key(f"{label}:{c}", color[(side, c)], marker=marker[(side, c)]) for c in top]
             )
             who = "mean over heads" if h is None else f"head {h}"
             ax.set_title(
@@ -680,14 +603,11 @@ def components_figure(data: ItemPlotData) -> Figure:
             _y_axis(ax, _units(data))
             peaks = _peak_keys([styles.get("target", total), *curves[:3]], PEAK_LABELS)
             _key_axis(ax, data, labels=n + head_cols >= H + 1, peaks=peaks)
-    for ax in grid.ravel():
-        if ax not in used:
-            ax.axis("off")
     _share_y(used, [v for d in drawn for v in d])
     kinds = ["rest"] + (["delta", "target"] if weighted else ["sum"])
     if weighted and data.bias is not None and np.any(data.bias):
         kinds.insert(1, "bias")
-    _fig_legend(fig, _style_handles(kinds, {"rest": "rest (all other components)"}), len(kinds))
+    _fig_legend(fig, _style_keys(kinds, {"rest": "rest (all other components)"}), len(kinds))
     adds = "coloured + rest + bias + Δ = target" if weighted else "coloured + rest = sum"
     fig.suptitle(
         f"{_item_title(data, 'single components')}\nranked by peak |value| over keys; "
@@ -714,10 +634,8 @@ def _attention_row(ax, data: ItemPlotData, T: np.ndarray, S: np.ndarray, peaks, 
     J = len(T)
     x = np.arange(J)
     a, b = softmax(T), softmax(S)
-    (ln,) = ax.plot(x, a, color=TARGET_COLOR, lw=1.2, zorder=3)
-    ln.set_gid("attention_target")
-    (ln,) = ax.plot(x, b, color=SUM_COLOR, lw=1.0, ls="--", zorder=4)
-    ln.set_gid("attention_sum")
+    _line(ax, x, a, color=TARGET_COLOR, lw=1.2, zorder=3, gid="attention_target")
+    _line(ax, x, b, color=SUM_COLOR, lw=1.0, ls="--", zorder=4, gid="attention_sum")
     ax.text(0.99, 0.95, f"max |Δ attention| = {np.abs(a - b).max():.2g}", transform=ax.transAxes,
             ha="right", va="top", fontsize=6, gid="attention_gap")  # fmt: skip
     ax.set_ylim(0, 1.1 * max(float(a.max()), float(b.max()), 1e-12))
@@ -739,7 +657,9 @@ def validation_figure(data: ItemPlotData) -> Figure:
     att = data.show_attention
     sub = (3, [2, 1, 1], 0.1) if att else (2, [2, 1], 0.1)
     row_in = 4.5 if att else 3.4
-    fig, grid = _figure(width, nrows, ncols, row_in, every_row_labelled=J > LABEL_ALL_KEYS, sub=sub)
+    fig, grid = _figure(
+        width, nrows, ncols, row_in, every_row_labelled=J > LABEL_ALL_KEYS, sub=sub, n_cells=H
+    )
     x = np.arange(J)
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = np.where(B > 0, np.abs(r) / B, np.where(np.abs(r) > 0, np.inf, 0.0))
@@ -751,17 +671,8 @@ def validation_figure(data: ItemPlotData) -> Figure:
         top_axes.append(ax)
         low_axes.append(axr)
         _style_line(ax, x, T[h], "target", J)
-        (ln,) = ax.plot(
-            x,
-            S[h],
-            color=SUM_COLOR,
-            lw=1.2,
-            marker=".",
-            ms=3,
-            markevery=_markevery(J),
-            label="component sum",
-        )
-        ln.set_gid("component_sum")
+        _line(ax, x, S[h], color=SUM_COLOR, lw=1.2, marker=".", ms=3, markevery=_markevery(J),
+              label="component sum", gid="component_sum")  # fmt: skip
         worst_h = int(np.argmax(ratio[h]))
         ax.set_title(
             f"head {h}: max |r|/B_{kind} = {ratio[h].max():.3g} (key {worst_h}), "
@@ -780,8 +691,7 @@ def validation_figure(data: ItemPlotData) -> Figure:
         seg = np.stack([np.column_stack([x, np.zeros(J)]), np.column_stack([x, r[h]])], axis=1)
         cols = np.where(over[:, None], (*_rgb(TARGET_COLOR), 1.0), (0.12, 0.47, 0.71, 1.0))
         axr.add_collection(LineCollection(seg, colors=cols, linewidths=1.2))
-        (pts,) = axr.plot(x, r[h], ls="none", marker="o", ms=2.2, color="#1f77b4")
-        pts.set_gid("residual")
+        _line(axr, x, r[h], ls="none", marker="o", ms=2.2, color="#1f77b4", gid="residual")
         _y_axis(axr, "r")
         peaks = _peak_keys([ratio[h].clip(max=1e9), T[h]], PEAK_LABELS)
         if axa:  # the attention row under it carries the key labels
@@ -791,16 +701,8 @@ def validation_figure(data: ItemPlotData) -> Figure:
             _key_axis(axr, data, labels=h + ncols >= H, peaks=peaks)
     # the worst (head, key) of the item
     wa, wr = top_axes[v.head], low_axes[v.head]
-    wr.plot(
-        [v.key],
-        [r[v.head, v.key]],
-        marker="*",
-        ms=11,
-        color=TARGET_COLOR,
-        ls="none",
-        zorder=5,
-        gid="worst",
-    )
+    _line(wr, [v.key], [r[v.head, v.key]], marker="*", ms=11, color=TARGET_COLOR, ls="none",
+          zorder=5, gid="worst")  # fmt: skip
     wr.annotate(
         f"worst |r|/B = {v.ratio:.3g}",
         (v.key, r[v.head, v.key]),
@@ -811,10 +713,6 @@ def validation_figure(data: ItemPlotData) -> Figure:
         color=TARGET_COLOR,
     )
     wa.axvline(v.key, color=TARGET_COLOR, lw=0.8, ls="-", alpha=0.5)
-    for h in range(H, nrows * ncols):
-        row, col = divmod(h, ncols)
-        for ax in grid[row][col]:
-            ax.axis("off")
     _share_y(top_axes, [T, S])
     lim = 1.12 * max(float(np.abs(r).max()), float(B.max()), 1e-12)
     for axr in low_axes:
@@ -822,16 +720,16 @@ def validation_figure(data: ItemPlotData) -> Figure:
     _fig_legend(
         fig,
         [
-            *_style_handles(["target"]),
-            Line2D([], [], color=SUM_COLOR, lw=1.2, marker=".", label="component sum (incl. bias)"),
-            Line2D([], [], color="#2ca02c", alpha=0.4, lw=6, label=f"±B_{kind}: {v.bound_label}"),
-            Line2D([], [], color="#1f77b4", marker="o", ms=3, lw=1.2, label="r within the band"),
-            Line2D([], [], color=TARGET_COLOR, lw=1.2, label="r beyond the band"),
-            Line2D([], [], color=TARGET_COLOR, marker="*", ms=9, ls="none", label="worst entry"),
+            *_style_keys(["target"]),
+            Key("component sum (incl. bias)", SUM_COLOR, marker=".", ms=4),
+            Key(f"±B_{kind}: {v.bound_label}", "#2ca02c", lw=6, alpha=0.4),
+            Key("r within the band", "#1f77b4", marker="o"),
+            Key("r beyond the band", TARGET_COLOR),
+            Key("worst entry", TARGET_COLOR, ls="none", marker="*", ms=9),
             *(
                 [
-                    Line2D([], [], color=TARGET_COLOR, lw=1.2, label="softmax(target)"),
-                    Line2D([], [], color=SUM_COLOR, lw=1.0, ls="--", label="softmax(sum)"),
+                    Key("softmax(target)", TARGET_COLOR),
+                    Key("softmax(sum)", SUM_COLOR, ls="--", lw=1.0),
                 ]
                 if att
                 else []
@@ -860,7 +758,9 @@ def validation_figure(data: ItemPlotData) -> Figure:
 
 
 def save_figure(fig: Figure, path: Path, dpi: int = DPI) -> Path:
-    """Write ``fig`` to ``path`` atomically (temp file + rename) and release it.
+    """Write ``fig`` to ``path`` atomically (temp file + rename) and release it; a PNG
+    through :func:`~qkcheck.plot_render.png_bytes` (unfiltered rows, zlib level 1: ~2.5×
+    faster than Pillow's encoder here), other formats through matplotlib.
 
     Glyphs are rendered unhinted (a quarter of the text's cost, the figures' largest)."""
     import matplotlib
@@ -868,9 +768,12 @@ def save_figure(fig: Figure, path: Path, dpi: int = DPI) -> Path:
     try:
         with atomic_path(path) as tmp, matplotlib.rc_context({"text.hinting": "no_hinting"}):
             fmt = path.suffix.lstrip(".") or "png"
-            # zlib level 1: ~3x faster to encode than the default 6, files ~1.3x larger
-            extra = {"pil_kwargs": {"compress_level": 1}} if fmt == "png" else {}
-            fig.savefig(tmp, dpi=dpi, format=fmt, **extra)
+            if fmt == "png" and isinstance(fig.canvas, Canvas):
+                fig.set_dpi(dpi)
+                fig.canvas.draw()
+                Path(tmp).write_bytes(png_bytes(np.asarray(fig.canvas.buffer_rgba()), dpi))
+            else:
+                fig.savefig(tmp, dpi=dpi, format=fmt)
     finally:
         _release(fig)
     return path
@@ -913,36 +816,3 @@ def draw_job(args: tuple[ItemPlotData, str, str]) -> str:
     """Draw and write one figure; module-level, so worker processes can run it."""
     data, kind, path = args
     return str(save_figure(FIGURES[kind](data), Path(path)))
-
-
-def draw_items(
-    items: Sequence[ItemPlotData], out_dir: Path | str, workers: int | None = None
-) -> list[list[str] | BaseException]:
-    """Draw every item's figures; with several figures due, in parallel worker processes
-    (spawned: safe under threads and torch). Per item its paths, or the exception raised."""
-    jobs = [(i, job) for i, d in enumerate(items) for job in figure_jobs(d, out_dir)]
-    results: list[list[str] | BaseException] = [[] for _ in items]
-    n = min(len(jobs), workers if workers is not None else (os.cpu_count() or 1))
-    if n <= 1 or len(items) <= 1:  # one item: workers would cost more than they save
-        for i, job in jobs:
-            if isinstance(results[i], BaseException):
-                continue
-            try:
-                results[i].append(draw_job(job))  # type: ignore[union-attr]
-            except Exception as e:
-                results[i] = e
-        return results
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [(i, pool.submit(draw_job, job)) for i, job in jobs]
-        for i, fut in futures:
-            try:
-                path = fut.result()
-            except Exception as e:
-                results[i] = e
-                continue
-            if not isinstance(results[i], BaseException):
-                results[i].append(path)  # type: ignore[union-attr]
-    return results

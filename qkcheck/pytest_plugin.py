@@ -81,6 +81,7 @@ class _State:
         self._previous_sigterm: Any = None
         self.measured = None  # qkcheck.gate.Measured, built by the first qk_baseline
         self.threads: int | None = None  # torch CPU threads (--qk-threads), set at configure
+        self._drawing_started = False
 
     @property
     def validator(self):
@@ -114,6 +115,8 @@ class _State:
             it = data["item"]
             self.items.append(it)
             self.nodeids[(it["layer"], it["sample"], it["query_pos"])] = report.nodeid
+            if not self._drawing_started and _due_a_figure(it, self.settings):
+                self._start_drawing()
         if "layer" in data:
             self.layers.setdefault(data["layer"]["layer"], {}).update(data["layer"])
         if "baseline" in data:
@@ -232,6 +235,15 @@ class _State:
         from qkcheck.html_report import try_write_html_report
 
         self.report_path, self.report_error = try_write_html_report(summary, self.artifacts)
+
+    def _start_drawing(self) -> None:
+        """Start the figure workers' fork server (qkcheck.workers) once an item is due a
+        figure, so that it imports matplotlib while the session goes on (controller only)."""
+        self._drawing_started = True
+        if self._writes_summary():
+            from qkcheck import workers
+
+            workers.start()
 
     def _draw_figures(self) -> None:
         """The ``--max-plots`` worst items due a figure (:func:`select_plot_items`), drawn in
@@ -563,6 +575,15 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     report = outcome.get_result()
     if call.when == "call" and _RECORD in item.stash:
         report.qkcheck = item.stash[_RECORD]
+
+
+def _due_a_figure(item: dict[str, Any], settings) -> bool:
+    """Whether ``item`` is one :func:`select_plot_items` could choose."""
+    if settings.plots == "none" or settings.max_plots <= 0:
+        return False
+    if settings.plots == "all":
+        return True
+    return item["query_pos"] >= 1 and (settings.plots == "worst" or not item["passed"])
 
 
 def select_plot_items(

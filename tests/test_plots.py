@@ -12,6 +12,8 @@ from qkcheck.plots import (
     Verdict,
     combined_figure,
     components_figure,
+    key_labels,
+    legend_labels,
     palette,
     save_figure,
     validation_figure,
@@ -151,6 +153,49 @@ def test_item_figures_are_written_under_names_carrying_run_layer_sample_and_quer
     ]
 
 
+def test_figures_drawn_by_worker_processes_equal_those_drawn_here(validator, tmp_path):
+    """write_figures hands items to workers forked from the fork server (qkcheck.workers);
+    their PNGs are byte-identical to the same items drawn in this process, and a bad item
+    is reported as its exception without losing the others."""
+    from PIL import Image
+
+    from qkcheck import workers
+    from qkcheck.figures import write_figures
+
+    ctx = workers.context()
+    assert ctx.get_start_method() == "forkserver"  # Linux: never a spawned interpreter
+    items = [(0, 1, 63), (1, 2, 40), (1, 99, 5)]  # sample 99 is not selected
+    got = write_figures(validator, items, tmp_path / "pool", workers=2)
+    assert isinstance(got[2], Exception)
+    for it, paths in zip(items[:2], got[:2], strict=True):
+        assert len(paths) == 3
+        want = write_item_figures(validator, *it, tmp_path / "here")
+        for a, b in zip(paths, want, strict=True):
+            assert a.name == b.name
+            np.testing.assert_array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
+
+
+def test_an_item_is_due_a_figure_exactly_when_select_plot_items_could_choose_it():
+    """The plugin starts the drawing workers at the first item due a figure."""
+    from types import SimpleNamespace
+
+    from qkcheck.pytest_plugin import _due_a_figure, select_plot_items
+
+    items = [
+        {"layer": 0, "sample": s, "query_pos": q, "passed": p, "ratio": r}
+        for s, (q, p, r) in enumerate(
+            [(0, False, 3.0), (5, False, 2.0), (5, True, 0.5), (1, True, float("nan"))]
+        )
+    ]
+    for plots in ("none", "failed", "worst", "all"):
+        for max_plots in (0, 10):
+            settings = SimpleNamespace(plots=plots, max_plots=max_plots)
+            chosen, _ = select_plot_items(items, plots, max_plots)
+            due = [it for it in items if _due_a_figure(it, settings)]
+            key = lambda it: it["sample"]  # noqa: E731
+            assert sorted(map(key, due)) == sorted(map(key, chosen)), (plots, max_plots)
+
+
 def test_binary_mode_figures_use_the_runs_ci(genuine_run, genuine_tokens, tmp_path):
     v = Validator(genuine_run, genuine_tokens, [0], Settings(run_id="x", mode="binary"))
     data = item_plot_data(v, 0, 0, 20)
@@ -170,7 +215,7 @@ def test_non_latin_and_special_tokens_render_visibly_without_warnings(tmp_path):
     data = synthetic(2)
     data.tokens = ["漢", "$5", " or", "$6\n", *data.tokens[4:]]
     for fig in (combined_figure(data), validation_figure(data), components_figure(data)):
-        labels = [t.get_text() for ax in fig.axes for t in ax.texts if t.get_gid() == "key"]
+        labels = [t for ax in fig.axes for t in key_labels(ax)]
         assert "U+6F22 ·0" in labels
         assert "\\$5 ·1" in labels and "␣or ·2" in labels and "\\$6↵ ·3" in labels
         title = fig._suptitle.get_text()
@@ -249,7 +294,7 @@ def test_the_components_figures_lines_add_up_to_the_target(validator):
         got = sum(lines["coloured"]) + lines["rest"][0] + lines["delta"][0]
         got = got + (lines["bias"][0] if "bias" in lines else 0)
         np.testing.assert_allclose(got, want, atol=1e-4)
-    labels = [t.get_text() for t in panels[2].get_legend().get_texts()]
+    labels = legend_labels(panels[2])
     assert labels[0].startswith("h.1.attn.q_proj:") and len(labels) == 5
 
 
@@ -267,7 +312,7 @@ def test_the_combined_figure_shows_what_its_top_pairs_leave_out(validator):
             lines["target"][0],
             atol=1e-4,
         )
-        legend = [t.get_text() for t in ax.get_legend().get_texts()]
+        legend = legend_labels(ax)
         assert legend == [f"q_proj:{c}·k_proj:{d}" for c, d in top]  # only its own pairs
 
 
@@ -323,7 +368,7 @@ def test_text_drawn_from_the_string_cache_matches_matplotlibs_own_rendering():
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from qkcheck import plots
+    from qkcheck import plot_render
 
     texts = [
         ("3768 ·0", 0, None),
@@ -350,13 +395,13 @@ def test_text_drawn_from_the_string_cache_matches_matplotlibs_own_rendering():
             out.append(((rows * cell).sum() / m, (cols * cell).sum() / m, m))
         return out
 
-    plots._TEXT_IMAGES.clear()
+    plot_render._TEXT_IMAGES.clear()
     want = ink(FigureCanvasAgg)
-    got = ink(plots._Canvas)
-    cached = len(plots._TEXT_IMAGES)
+    got = ink(plot_render.Canvas)
+    cached = len(plot_render._TEXT_IMAGES)
     assert cached == len(texts)
-    assert ink(plots._Canvas) == got  # drawn again from the cache: the same pixels
-    assert len(plots._TEXT_IMAGES) == cached
+    assert ink(plot_render.Canvas) == got  # drawn again from the cache: the same pixels
+    assert len(plot_render._TEXT_IMAGES) == cached
     for (t, _, _), w, g in zip(texts, want, got, strict=True):
         assert abs(w[0] - g[0]) < 0.75 and abs(w[1] - g[1]) < 0.75, (t, w, g)
         assert abs(w[2] - g[2]) < 0.1 * w[2], (t, w, g)
@@ -387,7 +432,7 @@ def test_show_attention_adds_a_row_per_head_with_the_softmax_of_target_and_sum(n
         np.testing.assert_allclose(lines["attention_sum"][h], np.exp(S[h]) / np.exp(S[h]).sum())
     gaps = [t.get_text() for ax in fig.axes for t in ax.texts if t.get_gid() == "attention_gap"]
     assert len(gaps) == n_head and gaps[0].startswith("max |Δ attention| = ")
-    labels = [t.get_text() for ax in fig.axes for t in ax.texts if t.get_gid() == "key"]
+    labels = [t for ax in fig.axes for t in key_labels(ax)]
     assert "tok11 ·11" in labels  # the keys are labelled under the attention row
 
 
