@@ -37,9 +37,17 @@ from matplotlib.collections import LineCollection
 from matplotlib.figure import Figure
 from matplotlib.ft2font import FT2Font
 from matplotlib.lines import Line2D
-from matplotlib.transforms import TransformedPatchPath
 
-from qkcheck.plot_render import Canvas, Key, Label, Labels, PanelLegend, ValueAxis, png_bytes
+from qkcheck.plot_render import (
+    Canvas,
+    Key,
+    Label,
+    Labels,
+    PanelAxes,
+    PanelLegend,
+    ValueAxis,
+    png_bytes,
+)
 from qkcheck.util import atomic_path, safe_name
 
 #: up to this many keys every key is labelled; beyond, each panel's peaks and the query
@@ -275,12 +283,8 @@ def _y_axis(ax, label: str) -> None:
 
 def _line(ax, x, y, **style) -> Line2D:
     """A line added to ``ax`` without ``Axes.plot``'s argument parsing and data-limit
-    bookkeeping (every panel's limits are set explicitly), clipped to the panel."""
+    bookkeeping (every panel's limits are set explicitly); clipped to the panel."""
     ln = Line2D(x, y, **style)
-    clip = getattr(ax, "_qk_clip", None)
-    if clip is None:
-        clip = ax._qk_clip = TransformedPatchPath(ax.patch)
-    ln.set_clip_path(clip)
     ax.add_artist(ln)
     return ln
 
@@ -404,11 +408,11 @@ def _figure(
             if n_cells is not None and r * n_cols + c >= n_cells:
                 row.append(None)
             elif sub is None:
-                row.append(fig.add_subplot(gs[r, c]))
+                row.append(fig.add_subplot(gs[r, c], axes_class=PanelAxes))
             else:
                 n, ratios, sgap = sub
                 inner = gs[r, c].subgridspec(n, 1, height_ratios=ratios, hspace=sgap * n / row_in)
-                row.append([fig.add_subplot(inner[k]) for k in range(n)])
+                row.append([fig.add_subplot(inner[k], axes_class=PanelAxes) for k in range(n)])
         grid.append(row)
     return fig, grid
 

@@ -182,3 +182,44 @@ def test_a_saved_figure_is_the_canvas_it_drew(tmp_path):
     got = np.asarray(Image.open(tmp_path / "f.png"))
     np.testing.assert_array_equal(got, want)
     assert [p.name for p in tmp_path.iterdir()] == ["f.png"]  # no temp file left
+
+
+def test_panels_make_no_tick_objects_and_draw_no_matplotlib_axis():
+    """A drawn item figure: every panel is a PanelAxes whose x and y axes are hidden and
+    never made a tick (the figures draw their own key labels and value axes)."""
+    from qkcheck.plot_render import PanelAxes
+    from qkcheck.plots import combined_figure, components_figure, validation_figure
+    from tests.test_plots import synthetic
+
+    data = synthetic(3)
+    for make in (combined_figure, components_figure, validation_figure):
+        fig = make(data)
+        fig.canvas.draw()
+        assert fig.axes and all(isinstance(ax, PanelAxes) for ax in fig.axes)
+        for ax in fig.axes:
+            for axis in (ax.xaxis, ax.yaxis):
+                assert not axis.get_visible()
+                assert "majorTicks" not in vars(axis) and "minorTicks" not in vars(axis)
+            assert any(isinstance(a, ValueAxis) for a in ax.artists)
+
+
+@pytest.mark.parametrize("kind", ["combined", "components", "validation"])
+def test_panel_axes_draw_the_same_pixels_as_matplotlibs_own_axes(kind, monkeypatch):
+    """Skipping the ticks changes nothing drawn: the same figure with plain matplotlib
+    Axes (which make their ticks, and place their spines doing so) is pixel-identical."""
+    from matplotlib.axes import Axes
+
+    from qkcheck import plots
+    from tests.test_plots import synthetic
+
+    data = synthetic(2, n_keys=80)  # beyond LABEL_ALL_KEYS: peak labels
+
+    def pixels() -> np.ndarray:
+        fig = plots.FIGURES[kind](data)
+        fig.canvas.draw()
+        return np.asarray(fig.canvas.buffer_rgba()).copy()
+
+    ours = pixels()
+    monkeypatch.setattr(plots, "PanelAxes", Axes)
+    theirs = pixels()
+    np.testing.assert_array_equal(ours, theirs)
