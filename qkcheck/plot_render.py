@@ -68,7 +68,9 @@ class _Renderer(RendererAgg):
     drawn by matplotlib."""
 
     def _text_key(self, s: str, prop) -> tuple:
-        fonts = tuple(font_manager.fontManager._find_fonts_by_props(prop))
+        fonts = _OWN_FONTS.get(id(prop))
+        if fonts is None:
+            fonts = tuple(font_manager.fontManager._find_fonts_by_props(prop))
         return (fonts, prop.get_size_in_points(), self.dpi, s, get_hinting_flag())
 
     def draw_text(self, gc, x, y, s, prop, angle, ismath=False, mtext=None):
@@ -190,9 +192,15 @@ def png_bytes(rgba: np.ndarray, dpi: float, level: int = 1) -> bytes:
 # --- strings -----------------------------------------------------------------------------------
 
 
+#: the font files of :func:`_font`'s properties, by id (they live as long as the process)
+_OWN_FONTS: dict[int, tuple] = {}
+
+
 @functools.cache
 def _font(size: float, weight: str | None) -> FontProperties:
-    return FontProperties(size=size, weight=weight or "normal")
+    prop = FontProperties(size=size, weight=weight or "normal")
+    _OWN_FONTS[id(prop)] = tuple(font_manager.fontManager._find_fonts_by_props(prop))
+    return prop
 
 
 @functools.cache
