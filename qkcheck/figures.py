@@ -232,21 +232,40 @@ def write_item_figures(
     return [Path(p) for p in draw_item(data, out_dir)]
 
 
+def _write_here(validator, items, out_dir: Path) -> list[list[Path] | BaseException]:
+    """Every item's figures drawn in this process; per item its paths or its exception."""
+    out: list[list[Path] | BaseException] = []
+    for it in items:
+        try:
+            out.append(write_item_figures(validator, *it, out_dir))
+        except Exception as e:  # reported per item, never lost
+            out.append(e)
+    return out
+
+
 def write_figures(
     validator, items: Sequence[tuple[int, int, int]], out_dir: Path, workers: int | None = None
 ) -> list[list[Path] | BaseException]:
     """Figures of several items, pipelined: each item's data is assembled here (torch) and
     its figures handed at once to worker processes (plain numpy data; qkcheck.workers), so
     ranking the next item overlaps drawing the previous ones. One item is drawn in this
-    process. Per item its paths, or the exception raised."""
+    process, and so is every item whose workers could not start or died (the figures are
+    due either way). Per item its paths, or the exception raised."""
     if len(items) <= 1 or (workers is not None and workers <= 1):
-        out: list[list[Path] | BaseException] = []
-        for it in items:
-            try:
-                out.append(write_item_figures(validator, *it, out_dir))
-            except Exception as e:  # reported per item, never lost
-                out.append(e)
-        return out
+        return _write_here(validator, items, out_dir)
+    from concurrent.futures.process import BrokenProcessPool
+
+    try:
+        results = _write_pooled(validator, items, out_dir, workers)
+    except (OSError, BrokenProcessPool):  # no worker could start: draw here
+        return _write_here(validator, items, out_dir)
+    redo = [k for k, r in enumerate(results) if isinstance(r, (OSError, BrokenProcessPool))]
+    for k, r in zip(redo, _write_here(validator, [items[k] for k in redo], out_dir), strict=True):
+        results[k] = r
+    return results
+
+
+def _write_pooled(validator, items, out_dir: Path, workers: int | None):
     import os
     from concurrent.futures import ProcessPoolExecutor
 

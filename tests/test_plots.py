@@ -175,6 +175,27 @@ def test_figures_drawn_by_worker_processes_equal_those_drawn_here(validator, tmp
             np.testing.assert_array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
 
 
+def test_figures_are_drawn_here_when_no_worker_process_can_start(validator, tmp_path, monkeypatch):
+    """A machine where worker processes cannot start (no semaphores, no fork server): the
+    figures are still written, by this process, and equal the workers' (same PNGs)."""
+    import concurrent.futures
+
+    from qkcheck.figures import write_figures
+
+    class NoWorkers:
+        def __init__(self, *args, **kwargs):
+            raise OSError("[Errno 38] Function not implemented (sem_open)")
+
+    items = [(0, 1, 63), (1, 2, 40)]
+    pooled = write_figures(validator, items, tmp_path / "pool", workers=2)
+    monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", NoWorkers)
+    here = write_figures(validator, items, tmp_path / "here", workers=2)
+    for a_paths, b_paths in zip(pooled, here, strict=True):
+        assert len(b_paths) == 3
+        for a, b in zip(a_paths, b_paths, strict=True):
+            assert a.read_bytes() == b.read_bytes()
+
+
 def test_an_item_is_due_a_figure_exactly_when_select_plot_items_could_choose_it():
     """The plugin starts the drawing workers at the first item due a figure."""
     from types import SimpleNamespace
