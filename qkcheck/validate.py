@@ -320,13 +320,15 @@ class Validator:
         if cap is None:
             ids = self.document_ids
             # weighted mode reads only attention inputs and logits; binary mode's CI
-            # functions read the decomposed modules' inputs too
+            # functions read the decomposed modules' inputs too; logits only of the layers
+            # validated (a --layers shard of a deep model holds one layer's, not all)
             modules = () if self.settings.mode == "weighted" else None
             with torch.no_grad():
                 cap = self.run.capture(
                     self.tokens[b * bs : (b + 1) * bs],
                     modules,
                     document_ids=None if ids is None else ids[b * bs : (b + 1) * bs],
+                    layers=self.layers,
                 )
             self.n_forward += 1
             self._captures.put(b, cap)

@@ -72,7 +72,9 @@ class _LayerRun:
     def to(self, device):
         return self
 
-    def capture(self, tokens: torch.Tensor, modules=None, document_ids=None) -> Capture:
+    def capture(
+        self, tokens: torch.Tensor, modules=None, document_ids=None, layers=None
+    ) -> Capture:
         rows = tokens[:, 0]
         x = self.x[rows]
         sp = self.spec

@@ -99,6 +99,20 @@ def test_captured_scores_reproduce_transformers_eager_attention(kind, tmp_path):
     assert torch.allclose(ours(tokens), out.logits, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_capture_of_some_layers_records_only_theirs_and_the_same_values(kind, tmp_path):
+    """``layers``: only those layers' attention inputs and logits (the capture's bulk); the
+    forward pass and the rest of the capture are unchanged."""
+    _, snapshot = write_snapshot(kind, tmp_path)
+    model = HFTarget.build(CLASSES[kind], snapshot)
+    tokens = torch.randint(1, 96, (2, 20), generator=torch.Generator().manual_seed(3))
+    full, part = model.capture(tokens), model.capture(tokens, layers=[1])
+    assert len(full.logits) > 1 and set(part.logits) == set(part.attn_inputs) == {1}
+    assert torch.equal(part.logits[1], full.logits[1])
+    assert torch.equal(part.attn_inputs[1], full.attn_inputs[1])
+    assert part.resid_pre.keys() == full.resid_pre.keys()
+
+
 def test_square_conv1d_weights_are_read_in_the_orientation_the_model_declares(genuine_hf):
     """GPT-2's c_proj is (32, 32): its shape cannot tell Conv1D's (d_in, d_out) apart."""
     run = load_run("s-5eed0101")

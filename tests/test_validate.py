@@ -137,3 +137,18 @@ def test_items_read_their_groups_numbers_and_only_the_current_group_keeps_lists(
     v.item(LAYER, SAMPLES[1], 7)
     assert v._listed[0] is v.group(LAYER, SAMPLES[1])  # the lists of one group only
     assert v.item(LAYER, SAMPLES[0], 7) == first  # rebuilt on demand, same numbers
+
+
+def test_a_layer_shard_captures_only_its_layers_logits(genuine_run, genuine_tokens):
+    """``--layers 1``: the forward capture holds layer 1's logits and input only, and its
+    verdicts equal those of a session validating every layer."""
+    from qkcheck.settings import parse_layers
+
+    part = _validator(genuine_run, genuine_tokens, layers=parse_layers("1"))
+    full = _validator(genuine_run, genuine_tokens)
+    cap, _ = part.capture(0)
+    assert set(cap.logits) == set(cap.attn_inputs) == {1}
+    assert set(full.capture(0)[0].logits) == {0, 1}
+    for q in (5, 40, 63):
+        a, b = part.item(1, 0, q), full.item(1, 0, q)
+        assert (a.ratio, a.head, a.key, a.passed) == (b.ratio, b.head, b.key, b.passed)

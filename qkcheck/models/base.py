@@ -65,9 +65,18 @@ class Capture:
     ``module_inputs[path]``: ``(batch, pos, d_in)`` input of every Linear, by module path;
     ``resid_pre[layer]``: ``(batch, pos, d_model)`` the block's input residual stream, before
     the pre-attention norm (``attn_inputs`` is after it).
+
+    ``layers``: the layers whose attention input and logits are recorded (None: every
+    layer). The logits are the capture's bulk, ``batch × heads × pos²`` per layer: 512 MiB
+    per layer at Llama-3-8B's 32 heads and 2048 positions in float32.
     """
 
     attn_inputs: dict[int, Tensor] = field(default_factory=dict)
     logits: dict[int, Tensor] = field(default_factory=dict)
     module_inputs: dict[str, Tensor] = field(default_factory=dict)
     resid_pre: dict[int, Tensor] = field(default_factory=dict)
+    layers: frozenset[int] | None = None
+
+    def records(self, layer: int) -> bool:
+        """Whether ``layer``'s attention input and logits are recorded."""
+        return self.layers is None or layer in self.layers

@@ -130,7 +130,7 @@ class CapturingAttention(nn.Module):
     def record(self, attn_input: Tensor, scores: Tensor) -> None:
         """Store ``attn_input`` ``(batch, pos, d_model)`` and ``scores`` ``(batch, head, query_pos,
         key_pos)`` (before the causal mask) when a capture is running."""
-        if self.sink is not None:
+        if self.sink is not None and self.sink.records(self.layer):
             self.sink.attn_inputs[self.layer] = attn_input.detach()
             self.sink.logits[self.layer] = scores.detach()
 
@@ -240,16 +240,18 @@ class TargetModel(nn.Module):
         tokens: Tensor,
         modules: Collection[str] | None = None,
         document_ids: Tensor | None = None,
+        layers: Collection[int] | None = None,
     ) -> Capture:
         """One no-grad forward pass recording attention inputs, pre-mask logits, each
         block's input residual stream (``resid_pre``, before its norm) and the input of every
         Linear (keyed by module path, e.g. ``"h.0.attn.q_proj"``) — or only of those in
-        ``modules``. ``document_ids`` ``(batch, pos)`` (-1: padding): positions restart per
+        ``modules``. ``layers``: only these layers' attention inputs and logits (None: all).
+        ``document_ids`` ``(batch, pos)`` (-1: padding): positions restart per
         document and attention stays within it (see :mod:`qkcheck.documents`). Runs on the
         model's :attr:`device` (tokens moved there); the captured tensors stay there."""
         tokens, document_ids = self.on_device(tokens, document_ids)
         self.document_ids = document_ids
-        result = Capture()
+        result = Capture(layers=None if layers is None else frozenset(layers))
         handles = []
         for path, module in self.named_modules():
             if isinstance(module, nn.Linear) and (modules is None or path in modules):

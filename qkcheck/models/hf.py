@@ -137,7 +137,7 @@ def _qkcheck_attention(module, query, key, value, attention_mask, *args, **kwarg
     """Record the pre-softmax scores, then run the model's own eager attention."""
     eager = sys.modules[type(module).__module__].eager_attention_forward
     sink: Capture | None = getattr(module, "_qkcheck_sink", None)
-    if sink is not None:
+    if sink is not None and sink.records(module.layer_idx):
         scaling = kwargs.get("scaling")
         if scaling is None:
             scaling = query.shape[-1] ** -0.5
@@ -317,13 +317,14 @@ class HFTarget(TargetModel):
         tokens: Tensor,
         modules: Collection[str] | None = None,
         document_ids: Tensor | None = None,
+        layers: Collection[int] | None = None,
     ) -> Capture:
         """One no-grad forward pass of the transformers model (see TargetModel.capture).
         With ``document_ids`` the positions restart per document (``position_ids``) and the
         mask is causal within a document (a padding query attends to itself only). Runs on the
         model's device (tokens moved there); the captured tensors stay there."""
         tokens, ids = self.on_device(tokens, document_ids)
-        result = Capture()
+        result = Capture(layers=None if layers is None else frozenset(layers))
         position_ids = mask = None
         if ids is not None:
             position_ids = document_positions(ids)
@@ -334,7 +335,7 @@ class HFTarget(TargetModel):
                 ~allowed, torch.finfo(torch.float32).min
             )
         handles = []
-        q_paths = {sp.q_path: sp.layer for sp in self.attention_specs()}
+        q_paths = {sp.q_path: sp.layer for sp in self.attention_specs() if result.records(sp.layer)}
         blocks = {self.block_path(i): i for i in range(self.n_layer)}
         for path, module in self.named_modules():
             if path in q_paths:

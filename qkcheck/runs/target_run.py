@@ -45,13 +45,15 @@ class TargetRun:
         tokens: Tensor,
         modules: Collection[str] | None = None,
         document_ids: Tensor | None = None,
+        layers: Collection[int] | None = None,
     ) -> Capture:
         """One forward pass over ``tokens`` ``(batch, pos)``: every layer's attention input and
-        pre-softmax logits, and the input of every Linear (or only of those in ``modules``).
-        ``document_ids`` ``(batch, pos)``: see :mod:`qkcheck.documents`. Runs where the model
-        is (:meth:`to`); the captured tensors are on that device."""
+        pre-softmax logits (or only those of ``layers``), and the input of every Linear (or
+        only of those in ``modules``). ``document_ids`` ``(batch, pos)``: see
+        :mod:`qkcheck.documents`. Runs where the model is (:meth:`to`); the captured tensors
+        are on that device."""
         tokens = check_tokens(tokens, vocab_size=self.vocab_size, n_ctx=self.n_ctx)
-        return self.model.capture(tokens, modules, document_ids=document_ids)
+        return self.model.capture(tokens, modules, document_ids=document_ids, layers=layers)
 
     def target_attention_logits(self, tokens: Tensor) -> dict[int, Tensor]:
         """``layer -> (batch, head, query_pos, key_pos)`` pre-softmax logits from the target
