@@ -241,11 +241,24 @@ class SideVectors:
     full: Tensor
     hat_norm: Tensor
     delta_norm: Tensor
+    #: with QK-norm, ``(batch, heads, pos)``: how much the unnormalised projection cancels,
+    #: ``‖|x||V||U| + |x||Δ|ᵀ + |b|‖ / ‖x V U + x Δᵀ + b‖`` per head (≥ 1), the factor by
+    #: which σ's relative rounding exceeds eps (docs/design.md §11); else None
+    kappa: Tensor | None = None
 
     @classmethod
-    def of(cls, comp, hat, bias, delta, x_norm, sigma) -> SideVectors:
+    def of(cls, comp, hat, bias, delta, x_norm, sigma, kappa=None) -> SideVectors:
         return cls(
-            comp, hat, bias, delta, x_norm, sigma, hat + delta, hat.norm(dim=-1), delta.norm(dim=-1)
+            comp,
+            hat,
+            bias,
+            delta,
+            x_norm,
+            sigma,
+            hat + delta,
+            hat.norm(dim=-1),
+            delta.norm(dim=-1),
+            kappa,
         )
 
     def positions(self, lo: int, hi: int) -> SideVectors:
@@ -267,6 +280,7 @@ class SideVectors:
             cut(self.full),
             cut_norm(self.hat_norm),
             cut_norm(self.delta_norm),
+            cut_norm(self.kappa),
         )
 
 
@@ -317,6 +331,13 @@ class LayerProjections:
         b_data = data_bound_norms(q.hat_norm, nk, q.delta_norm, ndk, s)
         q_size = q.hat_norm + q.delta_norm
         magnitude = abs(s) * q_size[..., :, None] * (nk + ndk)[..., None, :]
+        if q.kappa is not None:  # QK-norm: σ's rounding scales the whole logit
+            kf = k.full.norm(dim=-1).repeat_interleave(group, dim=1)
+            kk = k.kappa.repeat_interleave(group, dim=1)
+            qf = q.full.norm(dim=-1)
+            magnitude = magnitude + abs(s) * (qf[..., :, None] * kf[..., None, :]) * (
+                q.kappa[..., :, None] + kk[..., None, :]
+            )
         sigmas = None if q.sigma is None else (q.sigma, k.sigma)
         b_weight = _weight_bound(q.x_norm, k.x_norm, self.weights, layout, norm, sigmas=sigmas)
         return LayerDecomposition(
@@ -376,19 +397,24 @@ def _side(
     comp = heads((x @ V) @ U)
     dv = heads(x @ delta.T)
     bias = _bias_heads(b, n, layout.head_dim, x)
-    sigma = None
+    sigma = kappa = None
     if layout.qk_norm_eps is not None:  # every term scaled alike: still bilinear, closure exact
         if gamma is None:
             raise ValueError("a QK-norm layout needs the weights' gamma_Q and gamma_K")
         full = comp + dv if bias is None else comp + dv + bias
         sigma = torch.rsqrt(full.pow(2).mean(-1) + layout.qk_norm_eps)
+        ax = x.abs()
+        size = heads((ax @ V.abs()) @ U.abs() + ax @ delta.abs().T)
+        if bias is not None:
+            size = size + bias.abs()
+        kappa = size.norm(dim=-1) / full.norm(dim=-1).clamp_min(_TINY)
         f = sigma[..., None] * gamma
         comp, dv = comp * f, dv * f
         bias = None if bias is None else bias * f
     hat = rot(comp + bias) if bias is not None else rot(comp)
     comp_r = hat if bias is None else rot(comp)
     bias_r = None if bias is None else rot(bias.expand_as(comp))
-    return SideVectors.of(comp_r, hat, bias_r, rot(dv), x.norm(dim=-1), sigma)
+    return SideVectors.of(comp_r, hat, bias_r, rot(dv), x.norm(dim=-1), sigma, kappa)
 
 
 def decompose_layer(
