@@ -294,9 +294,10 @@ def layer_view(validator, layer: int, budget_bytes: int = DEFAULT_BUDGET) -> Lay
     w, layout = validator.weights(layer), validator.layout(layer)
     acc = LayerMasses(w, layout, budget_bytes)
     spec = validator.specs[layer]
+    validator.expect_layer_major()  # one layer's samples: captures of that layer only
     with torch.no_grad():
         for sample in validator.sample_ids:
-            cap, row = validator.capture(sample)
+            cap, row = validator.capture(sample, layer)
             x = cap.attn_inputs[layer][row].to(dtype=s.torch_dtype, device=s.device)
             T = x.shape[0]
             positions, allowed = None, causal_mask(T, device=x.device)

@@ -63,7 +63,7 @@ def _check_supported(validator, layer: int) -> None:
 
 def _factors(validator, layer: int, sample: int, i: int) -> tuple[ItemFactors, dict]:
     s = validator.settings
-    cap, row = validator.capture(sample)
+    cap, row = validator.capture(sample, layer)
     w, layout = validator.weights(layer), validator.layout(layer)
     spec = validator.specs[layer]
     extra: dict = {}
@@ -157,7 +157,7 @@ def item_plot_data(validator, layer: int, sample: int, query_pos: int) -> ItemPl
     s = validator.settings
     i = query_pos
     spec = validator.specs[layer]
-    validator.capture(sample)  # the target's forward pass (cached): every thread
+    validator.capture(sample, layer)  # the target's forward pass (cached): every thread
     # the rest is many small blocks and memory-bound products: one thread (two contending
     # with the drawing workers, or with other jobs on the cores, ran it 3-10x slower)
     with torch.no_grad(), _torch_threads(1):

@@ -87,6 +87,8 @@ class _State:
     def validator(self):
         if self._validator is None:
             self._validator = build_validator(self.settings)
+            if hasattr(self.config, "workerinput"):  # an xdist worker gets whole layers
+                self._validator.expect_layer_major()
         return self._validator
 
     @property

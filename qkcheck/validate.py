@@ -229,6 +229,9 @@ class Validator:
         T = tokens.shape[1]
         self.query_positions = settings.query_pos.resolve(T, "query positions", "--query-pos")
         self._captures = _LRU(1)  # items come sample-major
+        #: (batch, layers asked of its capture, layers asked of the batch before): what
+        #: the next capture records (:meth:`capture`); at first every validated layer
+        self._asked: tuple[int | None, set[int], set[int]] = (None, set(), set(layer_ids))
         #: every group computed so far (compact: per query position and statistics)
         self._groups: dict[tuple[int, int], GroupResult] = {}
         #: the group whose per-query lists :meth:`item` reads (GroupResult.rows): kept for
@@ -311,28 +314,51 @@ class Validator:
 
     # --- forward passes ------------------------------------------------------------------
 
-    def capture(self, sample: int) -> tuple[Capture, int]:
-        """The forward capture holding ``sample`` and its row in the batch."""
+    def capture(self, sample: int, layer: int | None = None) -> tuple[Capture, int]:
+        """The forward capture holding ``sample`` (with ``layer``'s attention input and
+        logits; every validated layer's when None) and its row in the batch.
+
+        The logits are a capture's bulk (``heads × pos²`` per layer), so a capture records
+        the layers asked of this batch so far and of the batch before (at first: every
+        validated layer, as a session walking samples over every layer needs). After
+        :meth:`expect_layer_major` — a process walking one layer's samples at a time: an
+        xdist worker, which gets whole layers, or the dataset view — that is the layer at
+        hand (two where one layer ends and the next begins)."""
         row = self._row[sample]
         bs = self.settings.batch_size
         b = row // bs
+        want = self._want(b, layer)
         cap = self._captures.hit(b)
-        if cap is None:
+        if cap is None or not all(cap.records(i) for i in want):
             ids = self.document_ids
             # weighted mode reads only attention inputs and logits; binary mode's CI
-            # functions read the decomposed modules' inputs too; logits only of the layers
-            # validated (a --layers shard of a deep model holds one layer's, not all)
+            # functions read the decomposed modules' inputs too
             modules = () if self.settings.mode == "weighted" else None
             with torch.no_grad():
                 cap = self.run.capture(
                     self.tokens[b * bs : (b + 1) * bs],
                     modules,
                     document_ids=None if ids is None else ids[b * bs : (b + 1) * bs],
-                    layers=self.layers,
+                    layers=want,
                 )
             self.n_forward += 1
             self._captures.put(b, cap)
         return cap, row - b * bs
+
+    def expect_layer_major(self) -> None:
+        """Captures from now on start with the layer asked only (see :meth:`capture`)."""
+        self._asked = (None, set(), set())
+
+    def _want(self, batch: int, layer: int | None) -> list[int]:
+        """The layers a capture of ``batch`` records, ``layer`` among them (see capture)."""
+        if layer is None:
+            return self.layers
+        current, asked, before = self._asked
+        if batch != current:
+            current, asked, before = batch, set(), asked or before
+        asked.add(layer)
+        self._asked = (current, asked, before)
+        return sorted(asked | before)
 
     # --- per (layer, sample) -------------------------------------------------------------
 
@@ -364,7 +390,7 @@ class Validator:
         return S[0, :, 0].cpu(), dec.target[0, :, 0].cpu(), chosen[0, :, 0].cpu()
 
     def _group_inputs(self, layer: int, sample: int) -> _GroupInputs:
-        cap, row = self.capture(sample)
+        cap, row = self.capture(sample, layer)
         dtype, dev = self.settings.torch_dtype, self.settings.device
         x = cap.attn_inputs[layer][row : row + 1].to(dtype=dtype, device=dev)
         T = x.shape[1]

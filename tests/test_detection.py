@@ -65,8 +65,8 @@ V.Validator.layout = _twice
     "attention-input-before-the-norm": """
 import dataclasses, qkcheck.validate as V
 _orig = V.Validator.capture
-def _pre_norm(self, sample):
-    cap, row = _orig(self, sample)
+def _pre_norm(self, sample, layer=None):
+    cap, row = _orig(self, sample, layer)
     return dataclasses.replace(cap, attn_inputs=cap.resid_pre), row
 V.Validator.capture = _pre_norm
 """,

@@ -352,3 +352,21 @@ def test_last_failed_reruns_only_the_failures_with_the_project_config(suite):
     again.assert_outcomes(failed=2)
     assert "run-last-failure: rerun previous 2 failures" in again.stdout.str()
     run(suite, *args, "--ff").assert_outcomes(passed=6, failed=2)
+
+
+@pytest.mark.parametrize("worker", [False, True])
+def test_an_xdist_worker_captures_the_layer_at_hand_only(worker):
+    """xdist hands a worker whole layers: its captures hold the layer asked (a deep model's
+    worker holds one layer's logits, not all); one process holds every layer."""
+    from types import SimpleNamespace
+
+    from qkcheck.pytest_plugin import _State
+    from qkcheck.settings import Selection, Settings
+
+    config = SimpleNamespace(getoption=lambda name, default=None: None)
+    if worker:
+        config.workerinput = {"workerid": "gw0"}
+    state = _State(config)
+    state.settings = Settings(run_id="demo", samples=Selection(count=2))
+    cap, _ = state.validator.capture(1, 1)
+    assert set(cap.logits) == ({1} if worker else {0, 1})

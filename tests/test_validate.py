@@ -152,3 +152,33 @@ def test_a_layer_shard_captures_only_its_layers_logits(genuine_run, genuine_toke
     for q in (5, 40, 63):
         a, b = part.item(1, 0, q), full.item(1, 0, q)
         assert (a.ratio, a.head, a.key, a.passed) == (b.ratio, b.head, b.key, b.passed)
+
+
+def test_captures_hold_every_layer_sample_major_and_one_layer_layer_major(
+    genuine_run, genuine_tokens
+):
+    """One process walking samples over every layer: one forward pass per sample, each
+    holding both layers. Layer-major (an xdist worker, the dataset view): each capture
+    holds the layer at hand — both only where one layer ends and the next begins — at no
+    more forward passes than a one-batch cache needs anyway; the verdicts are the same."""
+    sample_major = _validator(genuine_run, genuine_tokens)
+    held = []
+    for layer, s, q in sample_major.items():
+        cap, _ = sample_major.capture(s, layer)
+        held.append(set(cap.logits))
+        sample_major.item(layer, s, q)
+    assert sample_major.n_forward == len(SAMPLES)
+    assert all(h == {0, 1} for h in held)
+
+    layer_major = _validator(genuine_run, genuine_tokens)
+    layer_major.expect_layer_major()
+    held = {}
+    for layer in (0, 1):
+        for s in SAMPLES:
+            cap, _ = layer_major.capture(s, layer)
+            held[(layer, s)] = set(cap.logits)
+            for q in (3, 40):
+                a, b = layer_major.item(layer, s, q), sample_major.item(layer, s, q)
+                assert (a.ratio, a.head, a.key, a.passed) == (b.ratio, b.head, b.key, b.passed)
+    assert held == {(0, 0): {0}, (0, 3): {0}, (1, 0): {0, 1}, (1, 3): {1}}
+    assert layer_major.n_forward == 2 * len(SAMPLES)
