@@ -328,8 +328,9 @@ class Validator:
         bs = self.settings.batch_size
         b = row // bs
         want = self._want(b, layer)
+        need = want if layer is None else [layer]
         cap = self._captures.hit(b)
-        if cap is None or not all(cap.records(i) for i in want):
+        if cap is None or not all(cap.records(i) for i in need):
             ids = self.document_ids
             # weighted mode reads only attention inputs and logits; binary mode's CI
             # functions read the decomposed modules' inputs too
