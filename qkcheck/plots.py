@@ -801,11 +801,7 @@ FIGURES = {
 
 def draw_item(data: ItemPlotData, out_dir: Path | str) -> list[str]:
     """Draw and write all of an item's figures (:meth:`ItemPlotData.file_names`)."""
-    out = []
-    for name in data.file_names():
-        kind = name.rsplit("_", 1)[-1].removesuffix(".png")
-        out.append(str(save_figure(FIGURES[kind](data), Path(out_dir) / name)))
-    return out
+    return [draw_job(job) for job in figure_jobs(data, out_dir)]
 
 
 def figure_jobs(data: ItemPlotData, out_dir: Path | str) -> list[tuple[ItemPlotData, str, str]]:
